@@ -1,0 +1,105 @@
+"""The trainer's config fields, their defaults, and validation before anything runs.
+
+Experiment configs in configs/ start from `defaults()` and change what they
+need. `validate` rejects a field that doesn't exist anywhere (a typo) with a
+one-line error naming it; fields of a model, objective, evaluator, source or
+transform are checked against that component's signature.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from big_vision_like.parallel.mesh import DEFAULT_MESH
+from big_vision_like.parallel.sharding import DEFAULT_RULES
+from big_vision_like.registry import ConfigError
+
+# Overridable on the command line although unset by default.
+OPTIONAL_INT = lambda: config_dict.placeholder(int)  # noqa: E731
+OPTIONAL_FLOAT = lambda: config_dict.placeholder(float)  # noqa: E731
+OPTIONAL_STR = lambda: config_dict.placeholder(str)  # noqa: E731
+
+
+def defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = OPTIONAL_INT()  # or total_epochs
+  c.total_epochs = OPTIONAL_FLOAT()
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.async_checkpoints = True
+
+  c.input = ml_collections.ConfigDict()
+  c.input.source = "digits"
+  c.input.data_dir = OPTIONAL_STR()
+  c.input.split = "train"
+  c.input.batch_size = 128  # global batch, over all devices and processes
+  c.input.transforms = [{"name": "normalize"}]
+  c.input.num_workers = 0  # grain worker processes; 0 reads in this process
+  c.input.worker_buffer_size = 2
+  c.input.prefetch_threads = 2
+
+  c.model = ml_collections.ConfigDict({"name": "vit"})
+  c.objective = ml_collections.ConfigDict({"name": "supervised"})
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"
+  c.optim.lr = 1e-3
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.momentum = 0.9  # sgd only
+  c.optim.weight_decay = 0.05
+  c.optim.wd_exclude = ("pos_embedding", "cls_token", "probe")  # regexes on param paths
+  c.optim.clip_norm = 1.0
+  c.optim.schedule = "cosine"
+  c.optim.warmup_steps = 0
+  c.optim.warmup_epochs = OPTIONAL_FLOAT()
+  c.optim.min_lr = 1e-6
+  c.optim.layer_decay = OPTIONAL_FLOAT()
+  c.optim.ema_decay = OPTIONAL_FLOAT()
+  c.optim.grad_accum_steps = 1
+
+  # name -> evaluator config; data fields default to config.input's.
+  c.evals = ml_collections.ConfigDict()
+
+  c.mesh = DEFAULT_MESH
+  c.sharding_rules = DEFAULT_RULES
+  return c
+
+
+_OPEN_SECTIONS = ("model", "objective", "evals")  # checked by their registries
+
+
+def _check_known(config: Any, reference: Any, prefix: str) -> None:
+  for key in config.keys():
+    if key not in reference:
+      close = difflib.get_close_matches(key, list(reference.keys()), n=1)
+      hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+      raise ConfigError(f"{prefix}{key} is not a config field{hint}")
+    if prefix == "config." and key in _OPEN_SECTIONS:
+      continue
+    if isinstance(reference[key], ml_collections.ConfigDict) and key != "input":
+      _check_known(config[key], reference[key], f"{prefix}{key}.")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first unknown or inconsistent field."""
+  _check_known(config, defaults(), "config.")
+  if (config.total_steps is None) == (config.total_epochs is None):
+    raise ConfigError("set exactly one of config.total_steps and config.total_epochs")
+  for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+    if int(config[field]) <= 0:
+      raise ConfigError(f"config.{field}={config[field]} must be positive")
+  accum = config.optim.grad_accum_steps
+  if accum < 1 or config.input.batch_size % accum:
+    raise ConfigError(f"config.input.batch_size={config.input.batch_size} is not "
+                      f"divisible by config.optim.grad_accum_steps={accum}")
+  for name, ev in config.evals.items():
+    if "name" not in ev:
+      raise ConfigError(f"config.evals.{name}.name is not set (the evaluator type)")

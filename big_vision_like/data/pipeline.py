@@ -1,0 +1,113 @@
+"""grain pipelines: an endless, resumable training iterator and one-pass eval batches.
+
+Training: source -> this process's shard -> shuffle (by seed, reshuffled each
+epoch) -> repeat -> transforms -> batch. Batching happens on the MapDataset, so
+batch i is the same whatever the number of worker processes, and the
+iterator's state (saved in checkpoints) is just a position.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterator
+
+import grain
+import jax
+import numpy as np
+
+from big_vision_like.data.sources import SOURCES
+from big_vision_like.data.transforms import Preprocess
+from big_vision_like.registry import ConfigError, check_kwargs
+
+# Fields of config.input (and of an evaluator's data config) that the pipeline
+# itself uses; every other field is an argument of the chosen source.
+PIPELINE_FIELDS = ("source", "data_dir", "split", "batch_size", "transforms",
+                   "num_workers", "worker_buffer_size", "prefetch_threads")
+
+
+def build_source(data: Any, field: str):
+  """The source named by `data.source` for `data.split`, with a clear error for a bad path."""
+  data = dict(data)
+  name = data.get("source")
+  if name not in SOURCES:
+    raise ConfigError(f"{field}.source={name!r} is not a known data source; "
+                      f"valid names: {', '.join(SOURCES.names())}")
+  factory = SOURCES.get(name)
+  data_dir = data.get("data_dir")
+  if data_dir is not None:
+    data_dir = os.path.expanduser(str(data_dir))
+    if not os.path.exists(data_dir):
+      raise ConfigError(f"{field}.data_dir={data_dir!r} does not exist "
+                        f"(needed by source {name!r})")
+    if not os.access(data_dir, os.R_OK):
+      raise ConfigError(f"{field}.data_dir={data_dir!r} is not readable")
+  extra = {k: v for k, v in data.items() if k not in PIPELINE_FIELDS}
+  check_kwargs(factory, extra, field, what=f"source {name!r}",
+               skip=("split", "data_dir"))
+  try:
+    return factory(split=data["split"], data_dir=data_dir, **extra)
+  except ConfigError as e:
+    raise ConfigError(f"{field} (source {name!r}, data_dir={data_dir!r}): {e}") from None
+
+
+def local_batch_size(global_batch: int, field: str) -> int:
+  n = jax.process_count()
+  if global_batch % jax.device_count():
+    raise ConfigError(f"{field}.batch_size={global_batch} is not divisible by the "
+                      f"{jax.device_count()} devices")
+  return global_batch // n
+
+
+def train_dataset(data: Any, source, seed: int, field: str = "config.input"):
+  """An infinite MapDataset of this process's training batches."""
+  batch = local_batch_size(data.batch_size, field)
+  ds = grain.MapDataset.source(source)
+  ds = ds[jax.process_index()::jax.process_count()]
+  if len(ds) < batch:
+    raise ConfigError(f"{field}.batch_size={data.batch_size} is larger than the "
+                      f"{len(ds)} training examples of this process")
+  ds = ds.seed(seed).shuffle().repeat()
+  ds = ds.random_map(Preprocess(data.get("transforms"), f"{field}.transforms"))
+  return ds.batch(batch, drop_remainder=True)
+
+
+def train_iterator(data: Any, source, seed: int, field: str = "config.input"):
+  """A checkpointable iterator (grain DatasetIterator) over training batches."""
+  ds = train_dataset(data, source, seed, field).to_iter_dataset(
+      grain.ReadOptions(num_threads=data.get("prefetch_threads", 2) or 1,
+                        prefetch_buffer_size=2))
+  workers = int(data.get("num_workers") or 0)
+  if workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers,
+        per_worker_buffer_size=int(data.get("worker_buffer_size") or 2)))
+  return iter(ds)
+
+
+@dataclasses.dataclass
+class _Padded:
+  """Pads a source to a multiple of the batch; padding is marked with _mask=0."""
+  source: Any
+  length: int
+
+  def __len__(self):
+    return self.length
+
+  def __getitem__(self, i):
+    real = i < len(self.source)
+    element = dict(self.source[i if real else 0])
+    element["_mask"] = np.float32(real)
+    return element
+
+
+def eval_batches(data: Any, source, field: str) -> Iterator[dict]:
+  """One pass over this process's shard, padded to full batches with `_mask`."""
+  batch = local_batch_size(data.batch_size, field)
+  shard = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
+  # All processes run the same number of batches (collectives must match).
+  per_process = -(-len(source) // jax.process_count())
+  padded = -(-per_process // batch) * batch
+  ds = grain.MapDataset.source(_Padded(shard, padded)).seed(0)
+  ds = ds.random_map(Preprocess(data.get("transforms"), f"{field}.transforms"))
+  ds = ds.batch(batch, drop_remainder=True)
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2)))

@@ -1,0 +1,220 @@
+"""Random-access data sources: `len(source)` and `source[i] -> {'image', 'label'}`.
+
+'image' is a uint8 [H, W, C] array or encoded bytes (decoded by the 'decode'
+transform); 'label' an int. Sources are picklable so grain worker processes
+can use them. Each one reads a public layout as it is distributed.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import tarfile
+
+import numpy as np
+
+from big_vision_like.registry import ConfigError, Registry
+
+SOURCES = Registry("data source", "config.input.source")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
+@SOURCES.register("digits")
+class DigitsSource:
+  """scikit-learn's bundled 8x8 digits (1,797 real images, no download).
+
+  Fixed split: a seeded permutation, 80% train (1,437) / 20% test (360).
+  """
+  num_classes = 10
+
+  def __init__(self, split: str, data_dir: str | None = None):
+    del data_dir  # bundled with scikit-learn
+    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+    if split not in ("train", "test"):
+      raise ConfigError(f"split={split!r} is not a digits split; valid: train, test")
+    digits = load_digits()
+    order = np.random.RandomState(0).permutation(len(digits.target))
+    n_train = int(0.8 * len(order))
+    idx = order[:n_train] if split == "train" else order[n_train:]
+    images = np.round(digits.images[idx] * (255.0 / 16.0)).astype(np.uint8)
+    self.images = images[..., None]
+    self.labels = digits.target[idx].astype(np.int32)
+
+  def __len__(self):
+    return len(self.labels)
+
+  def __getitem__(self, i):
+    return {"image": self.images[i], "label": self.labels[i]}
+
+
+def _read_idx(path: str) -> np.ndarray:
+  """Reads an IDX file (big-endian header, uint8 payload), gzipped or not."""
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (OSError, EOFError) as e:
+    raise ConfigError(f"cannot read IDX file {path}: {e}") from e
+  if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+    raise ConfigError(f"{path} is not a uint8 IDX file (bad magic number)")
+  ndim = data[3]
+  shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+  payload = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  if payload.size != int(np.prod(shape)):
+    raise ConfigError(f"{path} is truncated: header says {shape}, "
+                      f"found {payload.size} values")
+  return payload.reshape(shape)
+
+
+@SOURCES.register("idx")
+class IdxSource:
+  """MNIST-style IDX files: `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`."""
+
+  PREFIX = {"train": "train", "test": "t10k"}
+
+  def __init__(self, split: str, data_dir: str):
+    if split not in self.PREFIX:
+      raise ConfigError(f"split={split!r} is not an IDX split; valid: train, test")
+    images = self._find(data_dir, f"{self.PREFIX[split]}-images-idx3-ubyte")
+    labels = self._find(data_dir, f"{self.PREFIX[split]}-labels-idx1-ubyte")
+    self.images = _read_idx(images)[..., None]
+    self.labels = _read_idx(labels).astype(np.int32)
+    if len(self.images) != len(self.labels):
+      raise ConfigError(f"{images} has {len(self.images)} images but {labels} "
+                        f"has {len(self.labels)} labels")
+    self.num_classes = int(self.labels.max()) + 1
+
+  @staticmethod
+  def _find(data_dir: str, stem: str) -> str:
+    for name in (stem + ".gz", stem):
+      if os.path.exists(os.path.join(data_dir, name)):
+        return os.path.join(data_dir, name)
+    raise ConfigError(f"no {stem}[.gz] in {data_dir}")
+
+  def __len__(self):
+    return len(self.labels)
+
+  def __getitem__(self, i):
+    return {"image": self.images[i], "label": self.labels[i]}
+
+
+@SOURCES.register("image_folder")
+class ImageFolderSource:
+  """`<root>/<split>/<class>/<image>` as a directory, a .tar, or a .tar.gz.
+
+  Classes are the sorted sub-directory names. A plain directory or .tar is read
+  lazily (random access by file offset); a compressed tar cannot seek, so its
+  split is read into memory once (fine for CIFAR-size data; convert larger
+  sets to a plain tar or a directory).
+  """
+
+  def __init__(self, split: str, data_dir: str):
+    self.path, self.split = data_dir, split
+    if os.path.isdir(data_dir):
+      files = self._list_dir(data_dir, split)
+      self._members = files
+      self.kind = "dir"
+    elif tarfile.is_tarfile(data_dir):
+      files = self._list_tar(data_dir, split)
+      self.kind = "tar" if not data_dir.endswith(("gz", "bz2", "xz")) else "tar_mem"
+    else:
+      raise ConfigError(f"{data_dir} is neither a directory nor a tar archive")
+    if not files:
+      raise ConfigError(f"no images under '<root>/{split}/<class>/' in {data_dir}")
+    self.classes = sorted({c for c, _ in files})
+    self.num_classes = len(self.classes)
+    index = {c: i for i, c in enumerate(self.classes)}
+    self.labels = np.array([index[c] for c, _ in files], np.int32)
+    self._locations = [loc for _, loc in files]
+    self._file = None
+    if self.kind == "tar_mem":
+      self._load_compressed_tar()
+
+  @staticmethod
+  def _list_dir(root, split):
+    base = os.path.join(root, split)
+    if not os.path.isdir(base):
+      raise ConfigError(f"{root} has no '{split}' directory (the split)")
+    files = []
+    for cls in sorted(os.listdir(base)):
+      cdir = os.path.join(base, cls)
+      if os.path.isdir(cdir):
+        files += [(cls, os.path.join(cdir, f)) for f in sorted(os.listdir(cdir))
+                  if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return files
+
+  def _list_tar(self, path, split):
+    files = []
+    try:
+      with tarfile.open(path) as tar:
+        for member in tar:
+          parts = member.name.split("/")
+          if (member.isfile() and len(parts) >= 3 and parts[-3] == split
+              and parts[-1].lower().endswith(IMAGE_EXTENSIONS)):
+            files.append((parts[-2], (member.name, member.offset_data, member.size)))
+    except (tarfile.TarError, OSError, EOFError) as e:
+      raise ConfigError(f"cannot read tar archive {path}: {e}") from e
+    files.sort(key=lambda f: (f[0], f[1][0]))
+    return files
+
+  def _load_compressed_tar(self):
+    wanted = {loc[0]: i for i, loc in enumerate(self._locations)}
+    self._blobs = [b""] * len(wanted)
+    with tarfile.open(self.path) as tar:
+      for member in tar:
+        if member.name in wanted:
+          self._blobs[wanted[member.name]] = tar.extractfile(member).read()
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_file"] = None  # open file handles don't cross process boundaries
+    return state
+
+  def __len__(self):
+    return len(self.labels)
+
+  def _read(self, i) -> bytes:
+    if self.kind == "dir":
+      with open(self._locations[i], "rb") as f:
+        return f.read()
+    if self.kind == "tar_mem":
+      return self._blobs[i]
+    if self._file is None:
+      self._file = open(self.path, "rb")
+    _, offset, size = self._locations[i]
+    self._file.seek(offset)
+    return self._file.read(size)
+
+  def __getitem__(self, i):
+    return {"image": self._read(i), "label": self.labels[i]}
+
+
+@SOURCES.register("tfds")
+class TfdsSource:
+  """A prepared TFDS dataset through `tfds.data_source` (ArrayRecord, no TensorFlow)."""
+
+  def __init__(self, split: str, data_dir: str | None = None,
+               tfds_name: str = "", image_key: str = "image",
+               label_key: str = "label"):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    if not tfds_name:
+      raise ConfigError("config.input.tfds_name must name the TFDS dataset, e.g. 'imagenet2012'")
+    try:
+      self._source = tfds.data_source(tfds_name, split=split, data_dir=data_dir,
+                                      download=False)
+      info = tfds.builder(tfds_name, data_dir=data_dir).info
+    except Exception as e:  # TFDS raises many types for a missing dataset
+      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ConfigError(
+          f"TFDS dataset {tfds_name!r} split {split!r} is not prepared in "
+          f"data_dir={data_dir!r}: {first_line}") from e
+    self.image_key, self.label_key = image_key, label_key
+    self.num_classes = info.features[label_key].num_classes
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
+    record = self._source[i]
+    image = np.asarray(record[self.image_key])
+    return {"image": image, "label": np.int32(record[self.label_key])}

@@ -1,0 +1,61 @@
+"""Metrics to metrics.jsonl, TensorBoard and the console (process 0 only)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+from absl import logging
+
+
+class MetricWriter:
+  """Appends one JSON object per logged step; on resume, drops records after the restored step."""
+
+  def __init__(self, workdir: str, start_step: int):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if not self.enabled:
+      return
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for line in f if line.strip() and _step_of(line) <= start_step]
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=start_step + 1 if start_step else None)
+    except ImportError:
+      logging.warning("tensorboardX is not installed; no TensorBoard events are written.")
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)):
+          self._tb.add_scalar(key, value, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _step_of(line: str) -> int:
+  try:
+    return int(json.loads(line).get("step", 0))
+  except (ValueError, AttributeError):
+    return 1 << 62  # an unreadable line (a killed write) is dropped
+
+
+def _plain(value):
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return str(value)

@@ -1,0 +1,127 @@
+"""Building blocks shared by the backbones: every parameter carries logical axis names.
+
+Layer-norm eps and GELU flavour are arguments because the public models we
+match differ on them (timm ViT: eps 1e-6, exact GELU).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from big_vision_like import ops
+from big_vision_like.parallel import sharding
+
+Initializer = nnx.initializers.Initializer
+
+
+def dense(in_features: int, out_features: int, axes: Sequence[str | None], *,
+          rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+          kernel_init: Initializer = nnx.initializers.xavier_uniform(),
+          use_bias: bool = True) -> nnx.Linear:
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias, dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=nnx.with_partitioning(kernel_init, tuple(axes)),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[-1],)),
+      rngs=rngs)
+
+
+def layer_norm(features: int, *, rngs: nnx.Rngs, eps: float = 1e-6,
+               dtype=jnp.float32, param_dtype=jnp.float32) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+      features, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
+      rngs=rngs)
+
+
+def drop_path(x: jax.Array, rate: jax.Array | float, rng: jax.Array | None,
+              train: bool) -> jax.Array:
+  """Stochastic depth: drops the whole residual branch per example."""
+  if not train or rng is None:
+    return x
+  keep = 1.0 - rate
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  mask = jax.random.bernoulli(rng, keep, shape)
+  return jnp.where(mask, x / jnp.maximum(keep, 1e-6), 0).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention through the shared `ops` entry point.
+
+  Queries and keys may come from different sequences (cross-attention).
+  """
+
+  def __init__(self, width: int, num_heads: int, *, kv_width: int | None = None,
+               implementation: str = "auto", rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    if width % num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+    kv_width = kv_width or width
+    self.num_heads = num_heads
+    self.implementation = implementation
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.query = dense(width, width, ("embed", "heads"), **kw)
+    self.key = dense(kv_width, width, ("embed", "heads"), **kw)
+    self.value = dense(kv_width, width, ("embed", "heads"), **kw)
+    self.out = dense(width, width, ("heads", "embed"), **kw)
+
+  def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
+               bias: jax.Array | None = None, mask: jax.Array | None = None):
+    kv = x if kv is None else kv
+    split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, -1))
+    q, k, v = split(self.query(x)), split(self.key(kv)), split(self.value(kv))
+    out = ops.dot_product_attention(q, k, v, bias=bias, mask=mask,
+                                    implementation=self.implementation)
+    return self.out(out.reshape(out.shape[:-2] + (-1,)))
+
+
+class Mlp(nnx.Module):
+  def __init__(self, width: int, hidden: int, *, rngs: nnx.Rngs,
+               approximate_gelu: bool = False, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+              kernel_init=nnx.initializers.xavier_uniform())
+    self.fc1 = dense(width, hidden, ("embed", "mlp"), **kw)
+    self.fc2 = dense(hidden, width, ("mlp", "embed"), **kw)
+    self.approximate_gelu = approximate_gelu
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jax.nn.gelu(self.fc1(x), approximate=self.approximate_gelu)
+    h = sharding.constrain(h, ("batch", "seq", "act_mlp"))
+    return self.fc2(h)
+
+
+class LayerScale(nnx.Module):
+  def __init__(self, width: int, init_value: float, param_dtype=jnp.float32):
+    self.gamma = nnx.Param(jnp.full((width,), init_value, param_dtype),
+                           out_sharding=("embed",))
+
+  def __call__(self, x):
+    return x * self.gamma[...].astype(x.dtype)
+
+
+def sincos_2d(height: int, width: int, dim: int, temperature: float = 10_000.):
+  """Fixed 2-D sine-cosine position embedding, [1, height*width, dim] (MoCo v3)."""
+  if dim % 4:
+    raise ValueError(f"sin-cos position embedding needs width % 4 == 0, got {dim}")
+  y, x = jnp.mgrid[:height, :width]
+  omega = 1.0 / temperature ** (jnp.arange(dim // 4) / (dim // 4 - 1 or 1))
+  y = y.reshape(-1)[:, None] * omega[None]
+  x = x.reshape(-1)[:, None] * omega[None]
+  pe = jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+  return pe[None].astype(jnp.float32)
+
+
+def resample_posemb(posemb: jax.Array, old_grid: tuple[int, int],
+                    new_grid: tuple[int, int]) -> jax.Array:
+  """Bilinear resize of [1, h*w, D] grid embeddings to another grid (new input size)."""
+  if tuple(old_grid) == tuple(new_grid):
+    return posemb
+  d = posemb.shape[-1]
+  grid = posemb.reshape(1, *old_grid, d)
+  grid = jax.image.resize(grid, (1, *new_grid, d), method="bilinear")
+  return grid.reshape(1, new_grid[0] * new_grid[1], d)

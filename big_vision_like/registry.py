@@ -1,0 +1,64 @@
+"""Explicit name -> class registries, so a typo in a config names the valid choices."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+  """A problem with the user's config or inputs, reported as one line."""
+
+
+class Registry(Generic[T]):
+  """A dict from name to class or factory, with errors that list the choices."""
+
+  def __init__(self, kind: str, field: str):
+    self.kind = kind  # e.g. 'model'
+    self.field = field  # the config field that picks it, e.g. 'config.model.name'
+    self._entries: dict[str, T] = {}
+
+  def register(self, name: str) -> Callable[[T], T]:
+    def decorator(obj: T) -> T:
+      if name in self._entries:
+        raise ValueError(f"{self.kind} {name!r} registered twice")
+      self._entries[name] = obj
+      return obj
+    return decorator
+
+  def names(self) -> list[str]:
+    return sorted(self._entries)
+
+  def get(self, name: str) -> T:
+    if name not in self._entries:
+      raise ConfigError(
+          f"{self.field}={name!r} is not a known {self.kind}; "
+          f"valid names: {', '.join(self.names())}")
+    return self._entries[name]
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._entries
+
+  def build(self, name: str, kwargs: dict[str, Any], field: str | None = None,
+            **extra) -> Any:
+    """Instantiates `name` with config kwargs, naming any unknown keyword."""
+    factory = self.get(name)
+    check_kwargs(factory, kwargs, field or self.field.rsplit(".", 1)[0],
+                 what=f"{self.kind} {name!r}")
+    return factory(**kwargs, **extra)
+
+
+def check_kwargs(factory: Callable, kwargs: dict[str, Any], field: str,
+                 what: str, skip: tuple[str, ...] = ("rngs",)) -> None:
+  """Raises ConfigError naming config fields that `factory` does not accept."""
+  params = inspect.signature(factory).parameters
+  if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+    return
+  accepted = [n for n, p in params.items()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in skip]
+  unknown = sorted(set(kwargs) - set(accepted))
+  if unknown:
+    raise ConfigError(
+        f"{field}.{unknown[0]} is not a field of {what}; "
+        f"valid fields: {', '.join(accepted)}")

@@ -1,0 +1,370 @@
+"""The one training loop, for every objective.
+
+config -> mesh -> data pipeline and objective (which builds its models) ->
+jitted train step -> metrics, evaluators, checkpoints. The objective is split
+once into a graph definition and its state; the step is a pure function of the
+state, jitted with explicit shardings and buffer donation. Running the same
+command again resumes from the newest good checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from big_vision_like import checkpoint as checkpoint_lib
+from big_vision_like import configuration, data, optim
+from big_vision_like.evaluators import EVALUATORS
+from big_vision_like.metrics import MetricWriter
+from big_vision_like.objectives import OBJECTIVES
+from big_vision_like.parallel import mesh as mesh_lib
+from big_vision_like.parallel import sharding
+from big_vision_like.registry import ConfigError, check_kwargs
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradients became NaN/inf; the run stops without saving them."""
+
+
+# ----------------------------------------------------------------------------
+# Building the pieces
+# ----------------------------------------------------------------------------
+
+def build_objective(config, seed: int):
+  """The objective named by config.objective (it builds its own models)."""
+  kwargs = dict(config.objective)
+  name = kwargs.pop("name")
+  return OBJECTIVES.build(name, kwargs, field="config.objective", config=config,
+                          rngs=nnx.Rngs(seed))
+
+
+def _split(objective):
+  """graphdef, trainable params, and everything else (objective state)."""
+  return nnx.split(objective, nnx.Param, ...)
+
+
+def resolve_steps(config, steps_per_epoch: int) -> int:
+  if config.total_steps is not None:
+    return int(config.total_steps)
+  return max(1, int(math.ceil(config.total_epochs * steps_per_epoch)))
+
+
+def build_evaluators(config, mesh) -> dict[str, Any]:
+  """Evaluators from config.evals; their data fields default to config.input's."""
+  evaluators = {}
+  for name, ev in config.evals.items():
+    ev = dict(ev)
+    field = f"config.evals.{name}"
+    kind = ev.pop("name")
+    if kind not in EVALUATORS:
+      raise ConfigError(f"{field}.name={kind!r} is not a known evaluator; "
+                        f"valid names: {', '.join(EVALUATORS.names())}")
+    every = ev.pop("every_steps", None) or config.eval_every_steps
+    data_config = {k: config.input[k] for k in ("source", "data_dir")}
+    data_config.update({"split": "test", "batch_size": config.input.batch_size,
+                        "transforms": [{"name": "normalize"}]})
+    factory = EVALUATORS.get(kind)
+    own = {k: v for k, v in ev.items() if k not in data.pipeline.PIPELINE_FIELDS}
+    check_kwargs(factory, own, field, what=f"evaluator {kind!r}",
+                 skip=("data_config", "mesh", "field"))
+    data_config.update({k: v for k, v in ev.items() if k in data.pipeline.PIPELINE_FIELDS})
+    evaluator = factory(ml_collections.ConfigDict(data_config), mesh=mesh, field=field, **own)
+    evaluators[name] = (evaluator, int(every))
+  return evaluators
+
+
+class Trainer:
+  """Holds the compiled step and the sharded state layout for one config."""
+
+  def __init__(self, config, mesh, steps_per_epoch: int):
+    self.config, self.mesh, self.steps_per_epoch = config, mesh, steps_per_epoch
+    self.rules = tuple(tuple(r) for r in config.sharding_rules)
+    self.total_steps = resolve_steps(config, steps_per_epoch)
+    self.accum = int(config.optim.grad_accum_steps)
+
+    # Shape-first: build the objective abstractly, derive shardings from the
+    # logical axis names, then create the real state directly sharded.
+    self.flax_rules = sharding.flax_rules(mesh, self.rules)
+    with nnx.use_eager_sharding(False), nnx.logical_axis_rules(self.flax_rules):
+      abstract = nnx.eval_shape(lambda: build_objective(config, config.seed))
+    self.graphdef, abs_params, abs_other = _split(abstract)
+    self.tx, self.lr_fn = optim.build(config.optim, abs_params, self.total_steps,
+                                      steps_per_epoch)
+    self.ema_decay = config.optim.ema_decay
+
+    abs_state = jax.eval_shape(self._init_state)
+    param_shardings = sharding.state_shardings(abs_params, mesh, self.rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self.state_shardings = {
+        "step": replicated, "rng": replicated, "nonfinite_step": replicated,
+        "params": param_shardings,
+        "other": sharding.state_shardings(abs_other, mesh, self.rules),
+        "opt_state": optax.tree_map_params(
+            self.tx, lambda _, s: s, abs_state["opt_state"], param_shardings,
+            transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: isinstance(x, nnx.Variable)),
+    }
+    if self.ema_decay:
+      self.state_shardings["ema_params"] = param_shardings
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abs_state, self.state_shardings)
+    self.init_state = jax.jit(self._init_state, out_shardings=self.state_shardings)
+    self.train_step = jax.jit(self._train_step, donate_argnums=(0,),
+                              out_shardings=(self.state_shardings, replicated))
+
+  # -- pure functions, jitted above -----------------------------------------
+
+  def _init_state(self):
+    with nnx.use_eager_sharding(False), nnx.logical_axis_rules(self.flax_rules):
+      objective = build_objective(self.config, self.config.seed)
+    _, params, other = _split(objective)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(self.config.seed)),
+        "nonfinite_step": jnp.full((), -1, jnp.int32),
+        "params": params, "other": other, "opt_state": self.tx.init(params),
+    }
+    if self.ema_decay:
+      state["ema_params"] = params
+    return state
+
+  def _loss_and_grads(self, params, other, batch, rng):
+    def loss_fn(params, other):
+      objective = nnx.merge(self.graphdef, params, other)
+      loss, metrics = objective.loss(batch, rng=rng, train=True)
+      _, _, other = _split(objective)
+      return loss, (metrics, other)
+
+    (loss, (metrics, other)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, other)
+    return loss, metrics, other, grads
+
+  def _train_step(self, state, batch):
+    with sharding.axis_rules(self.rules):
+      return self._train_step_inner(state, batch)
+
+  def _train_step_inner(self, state, batch):
+    step = state["step"]
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+    params, other = state["params"], state["other"]
+    if self.accum == 1:
+      loss, metrics, other, grads = self._loss_and_grads(params, other, batch, rng)
+    else:
+      # Microbatch j takes examples j, j + accum, ... so each stays spread over
+      # every device; peak memory is that of one microbatch.
+      def to_micro(x):
+        x = x.reshape((x.shape[0] // self.accum, self.accum) + x.shape[1:]).swapaxes(0, 1)
+        return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+      micro = jax.tree.map(to_micro, batch)
+
+      def body(carry, inputs):
+        grads_sum, loss_sum, metrics_sum, other = carry
+        mb, i = inputs
+        loss, metrics, other, grads = self._loss_and_grads(
+            params, other, mb, jax.random.fold_in(rng, i))
+        add = lambda a, b: jax.tree.map(jnp.add, a, b)
+        return (add(grads_sum, grads), loss_sum + loss, add(metrics_sum, metrics),
+                other), None
+
+      _, metric_shapes, _, grad_shapes = jax.eval_shape(
+          self._loss_and_grads, params, other,
+          jax.tree.map(lambda x: x[0], micro), rng)
+      zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
+      init = (zeros(grad_shapes), jnp.zeros((), jnp.float32), zeros(metric_shapes), other)
+      (grads, loss, metrics, other), _ = jax.lax.scan(
+          body, init, (micro, jnp.arange(self.accum)))
+      scale = 1.0 / self.accum
+      grads = jax.tree.map(lambda g: g * scale, grads)
+      loss, metrics = loss * scale, jax.tree.map(lambda m: m * scale, metrics)
+
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    # A non-finite loss leaves params and optimiser state untouched and records
+    # the step; the host stops the run at its next check.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_params, opt_state = keep(new_params, params), keep(opt_state, state["opt_state"])
+
+    objective = nnx.merge(self.graphdef, new_params, other)
+    objective.after_update(step)
+    _, new_params, other = _split(objective)
+
+    new_state = dict(state, step=step + 1, params=new_params, other=other,
+                     opt_state=opt_state,
+                     nonfinite_step=jnp.where((state["nonfinite_step"] < 0) & ~finite,
+                                              step, state["nonfinite_step"]))
+    if self.ema_decay:
+      new_state["ema_params"] = optax.incremental_update(
+          new_params, state["ema_params"], 1.0 - self.ema_decay)
+    out = {"train/loss": loss, "lr": self.lr_fn(step), "grad_norm": grad_norm}
+    out.update({f"train/{k}": v for k, v in metrics.items() if k != "loss"})
+    return new_state, out
+
+  def eval_state(self, state):
+    """(params, other) that evaluators merge with the graphdef; EMA params if kept."""
+    return (state.get("ema_params", state["params"]), state["other"])
+
+
+# ----------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------
+
+class _Terminate:
+  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: leave signals alone
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _save_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
+  configuration.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  logging.info("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape),
+               jax.device_count(), jax.devices()[0].platform, jax.process_count())
+
+  with jax.set_mesh(mesh):
+    train_source = data.build_source(config.input, "config.input")
+    steps_per_epoch = max(1, len(train_source) // config.input.batch_size)
+    trainer = Trainer(config, mesh, steps_per_epoch)
+    evaluators = build_evaluators(config, mesh)
+    iterator = data.train_iterator(config.input, train_source, config.seed)
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       keep=config.keep_checkpoints,
+                                       asynchronous=config.async_checkpoints)
+    restored = ckpt.restore(trainer.abstract_state, iterator)
+    if restored is None:
+      state, start = trainer.init_state(), 0
+      logging.info("Starting from scratch: %d steps (%.1f epochs of %d examples).",
+                   trainer.total_steps, trainer.total_steps / steps_per_epoch,
+                   len(train_source))
+    else:
+      state, start = restored
+      logging.info("Resumed from %s at step %d of %d.", ckpt.path(start), start,
+                   trainer.total_steps)
+    _save_config(config, workdir)
+    writer = MetricWriter(workdir, start)
+    try:
+      return _loop(config, trainer, state, start, iterator, evaluators, ckpt,
+                   writer, mesh)
+    finally:
+      writer.close()
+      ckpt.close()
+      if hasattr(iterator, "close"):
+        iterator.close()
+
+
+def _check_finite(state, ckpt) -> None:
+  bad = int(state["nonfinite_step"])
+  if bad >= 0:
+    good = ckpt.latest_step()
+    where = ckpt.path(good) + f" (step {good})" if good is not None else "none"
+    raise NonFiniteLossError(
+        f"loss or gradients became NaN/inf at step {bad}; parameters from before "
+        f"that step were kept; last good checkpoint: {where}. Lower config.optim.lr "
+        f"or check the input data.")
+
+
+def _loop(config, trainer, state, start, iterator, evaluators, ckpt, writer, mesh):
+  total = trainer.total_steps
+  batch_size = config.input.batch_size
+  final: dict[str, float] = {}
+  mark_time, mark_step, excluded = time.perf_counter(), start, 0.0
+  first_step_time = None
+  with _Terminate() as term:
+    for step in range(start + 1, total + 1):
+      batch = sharding.put_batch(next(iterator), mesh, trainer.rules)
+      state, metrics = trainer.train_step(state, batch)
+      if first_step_time is None:  # exclude compilation from throughput
+        jax.block_until_ready(metrics)
+        first_step_time = time.perf_counter()
+        mark_time, mark_step = first_step_time, step
+
+      last = step == total
+      if step % config.log_every_steps == 0 or last or term.requested:
+        metrics = jax.device_get(metrics)
+        _check_finite(state, ckpt)
+        now = time.perf_counter()
+        elapsed = max(now - mark_time - excluded, 1e-9)
+        steps_done = max(step - mark_step, 1)
+        sec_per_step = elapsed / steps_done
+        record = {k: float(v) for k, v in metrics.items()}
+        record["images_per_sec"] = steps_done * batch_size / elapsed
+        record["steps_per_sec"] = steps_done / elapsed
+        record["epoch"] = step / trainer.steps_per_epoch
+        writer.write(step, record)
+        logging.info("step %d/%d | loss %.4f | lr %.2e | %.1f img/s | ETA %s",
+                     step, total, record["train/loss"], record["lr"],
+                     record["images_per_sec"], _fmt_time((total - step) * sec_per_step))
+        mark_time, mark_step, excluded = now, step, 0.0
+
+      pause = time.perf_counter()
+      due = [name for name, (_, every) in evaluators.items() if step % every == 0 or last]
+      if due:
+        results = {}
+        for name in due:
+          evaluator = evaluators[name][0]
+          for key, value in evaluator.run(trainer.graphdef, trainer.eval_state(state)).items():
+            results[f"eval/{name}/{key}"] = value
+        writer.write(step, results)
+        logging.info("step %d/%d | %s", step, total,
+                     " | ".join(f"{k} {v:.4f}" for k, v in sorted(results.items())))
+        if last:
+          final = results
+
+      if step % config.checkpoint_every_steps == 0 or last or term.requested:
+        _check_finite(state, ckpt)
+        ckpt.save(step, state, iterator)
+      excluded += time.perf_counter() - pause
+      if term.requested:
+        ckpt.wait()
+        logging.warning("SIGTERM: saved %s at step %d; run the same command to resume.",
+                        ckpt.path(step), step)
+        return final
+  if start >= total:
+    logging.info("Already trained to step %d; nothing to do.", total)
+  return final
