@@ -52,7 +52,9 @@ class Registry(Generic[T]):
 def check_kwargs(factory: Callable, kwargs: dict[str, Any], field: str,
                  what: str, skip: tuple[str, ...] = ("rngs",)) -> None:
   """Raises ConfigError naming config fields that `factory` does not accept."""
-  params = inspect.signature(factory).parameters
+  target = factory.__init__ if inspect.isclass(factory) else factory
+  params = dict(inspect.signature(target).parameters)
+  params.pop("self", None)
   if any(p.kind == p.VAR_KEYWORD for p in params.values()):
     return
   accepted = [n for n, p in params.items()

@@ -71,14 +71,18 @@ def build_evaluators(config, mesh) -> dict[str, Any]:
       raise ConfigError(f"{field}.name={kind!r} is not a known evaluator; "
                         f"valid names: {', '.join(EVALUATORS.names())}")
     every = ev.pop("every_steps", None) or config.eval_every_steps
-    data_config = {k: config.input[k] for k in ("source", "data_dir")}
+    # The source and its arguments (e.g. tfds_name) come from config.input
+    # unless the evaluator names its own source.
+    data_config = dict(config.input) if ev.get("source", config.input.source) == \
+        config.input.source else {}
     data_config.update({"split": "test", "batch_size": config.input.batch_size,
-                        "transforms": [{"name": "normalize"}]})
+                        "transforms": [{"name": "normalize"}], "num_workers": 0})
     factory = EVALUATORS.get(kind)
-    own = {k: v for k, v in ev.items() if k not in data.pipeline.PIPELINE_FIELDS}
+    own = {k: v for k, v in ev.items() if k not in data.pipeline.PIPELINE_FIELDS
+           and k not in data_config}
     check_kwargs(factory, own, field, what=f"evaluator {kind!r}",
                  skip=("data_config", "mesh", "field"))
-    data_config.update({k: v for k, v in ev.items() if k in data.pipeline.PIPELINE_FIELDS})
+    data_config.update({k: v for k, v in ev.items() if k not in own})
     evaluator = factory(ml_collections.ConfigDict(data_config), mesh=mesh, field=field, **own)
     evaluators[name] = (evaluator, int(every))
   return evaluators

@@ -13,7 +13,7 @@ from big_vision_like import configuration
 def get_config(arg: str | None = None):
   config = configuration.defaults()
   config.seed = 0
-  config.total_steps = 1500
+  config.total_steps = 1200
   config.log_every_steps = 100
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500
@@ -24,9 +24,9 @@ def get_config(arg: str | None = None):
       {"name": "random_crop", "size": 8, "padding": 1, "pad_mode": "constant"},
       {"name": "normalize"},
   ]
-  config.model = dict(name="vit", num_classes=10, patch_size=1, width=64, depth=4,
+  config.model = dict(name="vit", num_classes=10, patch_size=1, width=64, depth=3,
                       num_heads=4, mlp_dim=128, image_size=8, channels=1, pool="gap",
-                      posemb="learn")
+                      posemb="sincos2d")
   config.objective = dict(name="supervised", label_smoothing=0.1)
   config.optim.lr = 2e-3
   config.optim.weight_decay = 0.05

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import grain
 import jax
+from absl import flags
 import numpy as np
 
 from big_vision_like.data.sources import SOURCES
@@ -78,6 +79,8 @@ def train_iterator(data: Any, source, seed: int, field: str = "config.input"):
                         prefetch_buffer_size=2))
   workers = int(data.get("num_workers") or 0)
   if workers > 0:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (notebooks, tests)
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=workers,
         per_worker_buffer_size=int(data.get("worker_buffer_size") or 2)))

@@ -1,0 +1,53 @@
+"""ViT on CIFAR-10 from an image-folder tree, or a tar / tar.gz of it.
+
+  python -m main --config=configs/vit_cifar10.py --workdir=/tmp/cifar10 \
+      --config.input.data_dir=/path/to/cifar10_jpeg.tar.gz
+
+The layout is `<root>/{train,test}/<class>/<image>`. Patch 4 on 32x32 gives
+64 tokens (width 192, depth 6, 3 heads: the 32x32 ViT of the benchmarks).
+`:smoke` runs a tiny model for a few steps.
+"""
+from big_vision_like import configuration
+
+DEFAULT_DATA_DIR = "../shared/data/cifar10_jpeg.tar.gz"
+
+
+def get_config(arg: str | None = None):
+  config = configuration.defaults()
+  config.total_epochs = 30.0
+  config.log_every_steps = 100
+  config.eval_every_steps = 2000
+  config.checkpoint_every_steps = 1000
+
+  config.input.source = "image_folder"
+  config.input.data_dir = DEFAULT_DATA_DIR
+  config.input.batch_size = 128
+  config.input.num_workers = 0
+  config.input.transforms = [
+      {"name": "decode", "channels": 3},
+      {"name": "random_crop", "size": 32, "padding": 4},
+      {"name": "flip_lr"},
+      {"name": "normalize"},
+  ]
+  config.model = dict(name="vit", num_classes=10, patch_size=4, width=192, depth=6,
+                      num_heads=3, mlp_dim=768, image_size=32, channels=3, pool="gap")
+  config.objective = dict(name="supervised", label_smoothing=0.1)
+  config.optim.lr = 1e-3
+  config.optim.weight_decay = 0.05
+  config.optim.warmup_epochs = 2.0
+  config.evals = {"test": {"name": "classification", "split": "test", "batch_size": 500,
+                           "transforms": [{"name": "decode", "channels": 3},
+                                          {"name": "normalize"}]}}
+
+  if arg == "smoke":
+    config.total_epochs = None
+    config.total_steps = 4
+    config.log_every_steps = 2
+    config.eval_every_steps = 4
+    config.checkpoint_every_steps = 2
+    config.input.batch_size = 16
+    config.model.update(width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=8)
+    config.evals.test.batch_size = 1000
+  elif arg:
+    raise ValueError(f"vit_cifar10 accepts 'smoke' or nothing, got {arg!r}")
+  return config

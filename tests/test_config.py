@@ -1,0 +1,88 @@
+"""Bad input gets a one-line error naming the field, path or value, before anything runs."""
+import os
+
+from absl.testing import absltest, parameterized
+
+from big_vision_like import configuration, train
+from big_vision_like.registry import ConfigError
+from tests import helpers
+
+
+class ValidateTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ("total_stepz", 5, r"config.total_stepz is not a config field; did you mean config.total_steps\?"),
+      ("optim.learning_rate", 0.1, r"config.optim.learning_rate is not a config field"),
+  )
+  def test_unknown_fields(self, key, value, message):
+    config = helpers.tiny_config()
+    with config.unlocked():
+      target = config
+      *parents, leaf = key.split(".")
+      for p in parents:
+        target = target[p]
+      target[leaf] = value
+    with self.assertRaisesRegex(ConfigError, message):
+      configuration.validate(config)
+
+  def test_steps_or_epochs(self):
+    config = helpers.tiny_config()
+    config.total_epochs = 2.0
+    with self.assertRaisesRegex(ConfigError, "exactly one of config.total_steps and config.total_epochs"):
+      configuration.validate(config)
+
+  def test_accumulation_must_divide_batch(self):
+    config = helpers.tiny_config(**{"optim.grad_accum_steps": 3})
+    with self.assertRaisesRegex(ConfigError, "batch_size=64 is not divisible by config.optim.grad_accum_steps=3"):
+      configuration.validate(config)
+
+  def test_component_fields_are_checked_against_signatures(self):
+    workdir = self.create_tempdir().full_path
+    cases = [
+        ({"model.dpeth": 2}, "config.model.dpeth is not a field of model 'vit'"),
+        ({"objective.label_smooth": 0.1}, "config.objective.label_smooth is not a field of objective 'supervised'"),
+        ({"objective.name": "simclr"}, "config.objective.name='simclr' is not a known objective; valid names: supervised"),
+        ({"evals.test.name": "knn"}, "config.evals.test.name='knn' is not a known evaluator; valid names: classification"),
+        ({"evals.test.top_k": (1,)}, "config.evals.test.top_k is not a field of evaluator 'classification'"),
+    ]
+    for overrides, message in cases:
+      config = helpers.tiny_config()
+      with config.unlocked():
+        for key, value in overrides.items():
+          section, leaf = key.rsplit(".", 1)
+          target = config
+          for p in section.split("."):
+            target = target[p]
+          target[leaf] = value
+      with self.subTest(overrides=overrides):
+        with self.assertRaisesRegex(ConfigError, message):
+          train.train_and_evaluate(config, workdir)
+        self.assertFalse(os.path.exists(os.path.join(workdir, "checkpoints")))
+
+
+class CommandLineErrorsTest(parameterized.TestCase):
+  """The CLI prints one line (no traceback) and exits non-zero."""
+
+  @parameterized.named_parameters(
+      ("typo_override", ("--config.total_stepz=5",), 2, "total_stepz"),
+      ("unknown_model", ("--config.model.name=vitt",), 1,
+       "config.model.name='vitt' is not a known model; valid names: vit"),
+      ("missing_dataset", ("--config.input.source=idx", "--config.input.data_dir=/no/such/dir"), 1,
+       "config.input.data_dir='/no/such/dir' does not exist"),
+      ("image_size_vs_patch", ("--config.model.patch_size=3",), 1,
+       "image size 8x8 is not divisible by config.model.patch_size=3"),
+      ("batch_vs_devices", ("--config.input.batch_size=12",), 1,
+       "config.input.batch_size=12 is not divisible by the 8 devices"),
+  )
+  def test_one_line_error(self, flags, code, message):
+    workdir = self.create_tempdir().full_path
+    proc = helpers.run_main(workdir, *flags, devices=8)
+    self.assertEqual(proc.returncode, code, proc.stderr[-2000:])
+    self.assertNotIn("Traceback", proc.stderr)
+    error_lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    self.assertLen(error_lines, 1, proc.stderr[-2000:])
+    self.assertIn(message, error_lines[0])
+
+
+if __name__ == "__main__":
+  absltest.main()

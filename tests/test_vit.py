@@ -1,0 +1,153 @@
+"""ViT shapes for every variant, patch sizes down to 1, scan/remat equivalence."""
+import numpy as np
+from absl.testing import absltest, parameterized
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from big_vision_like.models import MODELS, layers, vit
+from big_vision_like.registry import ConfigError
+
+
+def tiny(**kw):
+  args = dict(num_classes=5, patch_size=2, width=16, depth=2, num_heads=2,
+              image_size=8, channels=3)
+  args.update(kw)
+  with nnx.use_eager_sharding(False):
+    return vit.ViT(**args, rngs=nnx.Rngs(0))
+
+
+class ViTTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ("Ti/16", 224, 192), ("S/16", 224, 384), ("B/16", 224, 768),
+      ("L/16", 224, 1024), ("H/14", 224, 1280), ("B/1", 32, 768))
+  def test_variant_shapes(self, variant, size, width):
+    """Abstract evaluation: the real parameter and output shapes, no FLOPs spent."""
+    with nnx.use_eager_sharding(False):
+      model = nnx.eval_shape(lambda: vit.ViT(num_classes=10, variant=variant,
+                                             image_size=size, rngs=nnx.Rngs(0)))
+    patch = int(variant.split("/")[1])
+    images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    graphdef, state = nnx.split(model)
+    logits, aux = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, images)
+    tokens = (size // patch) ** 2
+    self.assertEqual(logits.shape, (2, 10))
+    self.assertEqual(aux["tokens"].shape, (2, tokens, width))
+    self.assertEqual(aux["pre_logits"].shape, (2, width))
+    self.assertEqual(model.pos_embedding.shape, (1, tokens, width))
+
+  @parameterized.parameters(1, 2, 4, 8)
+  def test_patch_sizes_down_to_pixels(self, patch):
+    model = tiny(patch_size=patch)
+    logits, aux = model(jnp.ones((3, 8, 8, 3)))
+    self.assertEqual(logits.shape, (3, 5))
+    self.assertEqual(aux["grid"], (8 // patch, 8 // patch))
+    self.assertEqual(aux["tokens"].shape, (3, (8 // patch) ** 2, 16))
+
+  @parameterized.parameters("cls", "gap", "map")
+  def test_pooling(self, pool):
+    logits, aux = tiny(pool=pool, head_zero_init=False)(jnp.ones((2, 8, 8, 3)))
+    self.assertEqual(logits.shape, (2, 5))
+    self.assertEqual(aux["tokens"].shape[1], 16)  # class token removed
+    self.assertGreater(float(jnp.abs(logits).sum()), 0.0)
+
+  def test_patchify_is_a_strided_conv(self):
+    """Reshape + matmul equals a stride-p convolution with the same kernel."""
+    model = tiny(patch_size=4, head_zero_init=False)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    ours = model.embedding(model.patchify(x))
+    kernel = model.embedding.kernel[...].reshape(4, 4, 3, 16)
+    conv = jax.lax.conv_general_dilated(x, kernel, (4, 4), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    conv = conv.reshape(2, 4, 16) + model.embedding.bias[...]
+    np.testing.assert_allclose(ours, conv, atol=1e-5)
+
+  def test_other_input_size_resamples_position_embedding(self):
+    model = tiny(patch_size=2, image_size=8)
+    logits, aux = model(jnp.ones((1, 12, 12, 3)))
+    self.assertEqual(aux["grid"], (6, 6))
+    self.assertEqual(logits.shape, (1, 5))
+    pe = jnp.arange(16.0).reshape(1, 16, 1) * jnp.ones((1, 1, 4))
+    same = layers.resample_posemb(pe, (4, 4), (4, 4))
+    np.testing.assert_array_equal(same, pe)
+    bigger = layers.resample_posemb(pe, (4, 4), (8, 8))
+    self.assertEqual(bigger.shape, (1, 64, 4))
+    self.assertAlmostEqual(float(bigger.mean()), float(pe.mean()), places=4)
+
+  def test_sincos_posemb_has_no_parameter(self):
+    model = tiny(posemb="sincos2d")
+    self.assertFalse(hasattr(model, "pos_embedding"))
+    self.assertEqual(model(jnp.ones((1, 8, 8, 3)))[0].shape, (1, 5))
+
+  def test_scan_equals_loop(self):
+    """Stacking the loop model's block params into the scanned model gives the same output."""
+    loop, scanned = tiny(head_zero_init=False), tiny(scan=True, head_zero_init=False)
+    loop_state = nnx.to_pure_dict(nnx.split(loop)[1])
+    scan_graph, scan_state = nnx.split(scanned)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs),
+                           *[loop_state["blocks"][i] for i in range(2)])
+    new = dict(loop_state, blocks=stacked)
+    nnx.replace_by_pure_dict(scan_state, new)
+    scanned = nnx.merge(scan_graph, scan_state)
+    x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
+    np.testing.assert_allclose(loop(x)[0], scanned(x)[0], atol=1e-5)
+
+  @parameterized.parameters(False, True)
+  def test_remat_same_values_and_grads(self, scan):
+    plain, remat = tiny(scan=scan, head_zero_init=False), tiny(scan=scan, remat=True,
+                                                               head_zero_init=False)
+    x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
+
+    def grads(model):
+      graphdef, params = nnx.split(model)
+      loss = lambda p: nnx.merge(graphdef, p)(x)[0].sum()
+      return jax.grad(loss)(params)
+
+    np.testing.assert_allclose(plain(x)[0], remat(x)[0], atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat))):
+      np.testing.assert_allclose(a, b, atol=1e-5)
+
+  def test_stochastic_depth_only_in_training(self):
+    model = tiny(drop_path=0.5, head_zero_init=False, depth=4)
+    x = jax.random.normal(jax.random.key(4), (8, 8, 8, 3))
+    eval_a, eval_b = model(x)[0], model(x, train=False, rng=jax.random.key(5))[0]
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train_a = model(x, train=True, rng=jax.random.key(5))[0]
+    train_b = model(x, train=True, rng=jax.random.key(6))[0]
+    self.assertFalse(np.allclose(train_a, train_b))
+
+  def test_layerscale_and_bf16_compute(self):
+    model = tiny(layerscale=1e-4, dtype="bfloat16")
+    self.assertEqual(model.blocks[0].ls1.gamma[...].dtype, jnp.float32)
+    self.assertEqual(model.embedding.kernel[...].dtype, jnp.float32)
+    logits, aux = model(jnp.ones((1, 8, 8, 3)))
+    self.assertEqual(aux["tokens"].dtype, jnp.bfloat16)
+    self.assertEqual(logits.dtype, jnp.float32)
+
+  def test_every_parameter_has_logical_axes(self):
+    graphdef, state = nnx.split(tiny(pool="map"))
+    for path, var in jax.tree_util.tree_flatten_with_path(
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+      names = var.get_metadata().get("out_sharding")
+      self.assertIsNotNone(names, f"{path} has no logical axis names")
+      self.assertLen(names, var.get_value().ndim, f"{path}: {names}")
+
+  def test_bad_inputs(self):
+    with self.assertRaisesRegex(ConfigError, "not divisible by config.model.patch_size=4"):
+      tiny(patch_size=4)(jnp.ones((1, 10, 10, 3)))
+    with self.assertRaisesRegex(ConfigError, "not divisible by config.model.patch_size=3"):
+      tiny(patch_size=3)
+    with self.assertRaisesRegex(ConfigError, "config.model.variant='X/16'"):
+      tiny(variant="X/16")
+    with self.assertRaisesRegex(ConfigError, r"expects images \[batch, height, width, 3\]"):
+      tiny()(jnp.ones((1, 8, 8, 1)))
+    with self.assertRaisesRegex(ConfigError, "config.model.depht is not a field of model 'vit'"):
+      MODELS.build("vit", {"depht": 3}, field="config.model", rngs=nnx.Rngs(0))
+    with self.assertRaisesRegex(ConfigError, "config.model.name='vitt' is not a known model; valid names: vit"):
+      MODELS.get("vitt")
+
+
+if __name__ == "__main__":
+  absltest.main()
