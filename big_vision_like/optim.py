@@ -38,7 +38,8 @@ def schedule(optim: Any, total_steps: int, steps_per_epoch: int) -> optax.Schedu
 
 
 def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                  for k in path)
 
 
 def decay_mask(params: Any, exclude: Sequence[str]) -> Any:
