@@ -103,3 +103,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name, ev in config.evals.items():
     if "name" not in ev:
       raise ConfigError(f"config.evals.{name}.name is not set (the evaluator type)")
+
+
+def smoke(config: ml_collections.ConfigDict, *, steps: int = 4, batch_size: int = 16,
+          **model) -> ml_collections.ConfigDict:
+  """The `:smoke` setting every config offers: a tiny model for a few steps.
+
+  `model` overrides the tiny architecture (e.g. a patch size that fits the data).
+  """
+  config.total_epochs = None
+  config.total_steps = steps
+  config.log_every_steps = max(1, steps // 2)
+  config.eval_every_steps = steps
+  config.checkpoint_every_steps = max(1, steps // 2)
+  config.input.batch_size = batch_size
+  config.input.num_workers = 0
+  config.optim.grad_accum_steps = min(config.optim.grad_accum_steps, 2)
+  config.model.update(dict(variant=None, width=16, depth=1, num_heads=2, mlp_dim=32), **model)
+  return config

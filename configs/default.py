@@ -35,11 +35,7 @@ def get_config(arg: str | None = None):
                            "batch_size": 360, "transforms": [{"name": "normalize"}]}}
 
   if arg == "smoke":
-    config.total_steps = 6
-    config.log_every_steps = 2
-    config.eval_every_steps = 3
-    config.checkpoint_every_steps = 3
-    config.model.update(width=16, depth=1, num_heads=2, mlp_dim=32)
+    configuration.smoke(config, steps=6, batch_size=64)
   elif arg:
     raise ValueError(f"configs/default.py accepts 'smoke' or nothing, got {arg!r}")
   return config

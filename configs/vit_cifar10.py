@@ -40,13 +40,7 @@ def get_config(arg: str | None = None):
                                           {"name": "normalize"}]}}
 
   if arg == "smoke":
-    config.total_epochs = None
-    config.total_steps = 4
-    config.log_every_steps = 2
-    config.eval_every_steps = 4
-    config.checkpoint_every_steps = 2
-    config.input.batch_size = 16
-    config.model.update(width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=8)
+    configuration.smoke(config, patch_size=8)
     config.evals.test.batch_size = 1000
   elif arg:
     raise ValueError(f"vit_cifar10 accepts 'smoke' or nothing, got {arg!r}")

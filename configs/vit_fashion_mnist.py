@@ -37,13 +37,7 @@ def get_config(arg: str | None = None):
                            "batch_size": 500, "transforms": [{"name": "normalize"}]}}
 
   if arg == "smoke":
-    config.total_epochs = None
-    config.total_steps = 4
-    config.log_every_steps = 2
-    config.eval_every_steps = 4
-    config.checkpoint_every_steps = 2
-    config.input.batch_size = 16
-    config.model.update(width=16, depth=1, num_heads=2, mlp_dim=32, patch_size=7)
+    configuration.smoke(config, patch_size=7)
     config.evals.test.batch_size = 1000
   elif arg:
     raise ValueError(f"vit_fashion_mnist accepts 'smoke' or nothing, got {arg!r}")

@@ -52,21 +52,12 @@ def get_config(arg: str | None = None):
                                          {"name": "center_crop", "size": 224},
                                          {"name": "normalize"}]}}
 
-  if arg == "smoke":
-    config.total_epochs = None
-    config.total_steps = 2
-    config.log_every_steps = 1
-    config.eval_every_steps = 2
-    config.checkpoint_every_steps = 2
-    config.input.batch_size = 8
-    config.input.num_workers = 0
+  if arg == "smoke":  # 32x32 images, two steps with 2 accumulated microbatches
+    configuration.smoke(config, steps=2, batch_size=8, patch_size=16, image_size=32)
     config.input.transforms[1]["size"] = 32
     config.evals.val.transforms[1]["size"] = 36
     config.evals.val.transforms[2]["size"] = 32
     config.evals.val.batch_size = 8
-    config.optim.grad_accum_steps = 2
-    config.model.update(variant=None, width=32, depth=1, num_heads=2, mlp_dim=64,
-                        patch_size=16, image_size=32)
   elif arg:
     raise ValueError(f"vit_i1k accepts 'smoke' or nothing, got {arg!r}")
   return config

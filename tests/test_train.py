@@ -177,9 +177,11 @@ class TrainSubprocessTest(absltest.TestCase):
 
   def test_restore_onto_a_different_number_of_devices(self):
     workdir = self.create_tempdir().full_path
-    proc = helpers.run_main(workdir, "--config.total_steps=4", devices=1)
+    proc = helpers.run_main(workdir, "--config.total_steps=4", "--config.log_every_steps=2",
+                            devices=1)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    proc = helpers.run_main(workdir, "--config.total_steps=8", devices=8)
+    proc = helpers.run_main(workdir, "--config.total_steps=8", "--config.log_every_steps=2",
+                            devices=8)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn("Resumed from", proc.stderr)
     self.assertIn("over 8 devices", proc.stderr)
