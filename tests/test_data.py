@@ -216,3 +216,33 @@ class PipelineTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class ArrayRecordTest(absltest.TestCase):
+
+  def test_convert_image_folder_and_read_back(self):
+    from big_vision_like.data import convert  # pylint: disable=g-import-not-at-top
+    with tempfile.TemporaryDirectory() as d:
+      make_image_tree(os.path.join(d, "ds"), split="test")
+      info = convert.convert("image_folder", os.path.join(d, "ds"), ["test"],
+                             os.path.join(d, "ar"))
+      self.assertEqual(info["splits"], {"test": 6})
+      original = data.build_source(cfg(source="image_folder", split="test",
+                                       data_dir=os.path.join(d, "ds")), "c")
+      converted = data.build_source(cfg(source="array_record", split="test",
+                                        data_dir=os.path.join(d, "ar")), "c")
+      self.assertLen(converted, 6)
+      self.assertEqual(converted.classes, ["cat", "dog"])
+      for i in range(6):
+        a, b = transforms.decode(original[i], None), transforms.decode(converted[i], None)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        self.assertEqual(int(a["label"]), int(b["label"]))
+
+  def test_convert_arrays_losslessly(self):
+    from big_vision_like.data import convert  # pylint: disable=g-import-not-at-top
+    with tempfile.TemporaryDirectory() as d:
+      convert.convert("digits", None, ["test"], d)
+      digits = data.build_source(cfg(split="test"), "c")
+      converted = data.build_source(cfg(source="array_record", split="test", data_dir=d), "c")
+      element = transforms.decode(converted[7], None, channels=1)
+      np.testing.assert_array_equal(element["image"], digits[7]["image"])

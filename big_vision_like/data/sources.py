@@ -189,6 +189,30 @@ class ImageFolderSource:
     return {"image": self._read(i), "label": self.labels[i]}
 
 
+@SOURCES.register("array_record")
+class ArrayRecordSource:
+  """`<data_dir>/<split>.array_record` written by `python -m big_vision_like.data.convert`."""
+
+  def __init__(self, split: str, data_dir: str):
+    import json  # pylint: disable=g-import-not-at-top
+    import grain  # pylint: disable=g-import-not-at-top
+    path = os.path.join(data_dir, f"{split}.array_record")
+    if not os.path.exists(path):
+      raise ConfigError(f"no {split}.array_record in {data_dir}")
+    info_path = os.path.join(data_dir, "info.json")
+    info = json.load(open(info_path)) if os.path.exists(info_path) else {}
+    self.num_classes = info.get("num_classes", 0)
+    self.classes = info.get("classes")
+    self._records = grain.sources.ArrayRecordDataSource([path])
+
+  def __len__(self):
+    return len(self._records)
+
+  def __getitem__(self, i):
+    from big_vision_like.data.convert import decode_record  # pylint: disable=g-import-not-at-top
+    return decode_record(self._records[i])
+
+
 @SOURCES.register("tfds")
 class TfdsSource:
   """A prepared TFDS dataset through `tfds.data_source` (ArrayRecord, no TensorFlow)."""
