@@ -167,9 +167,15 @@ class TrainSubprocessTest(absltest.TestCase):
       if os.path.isfile(path):
         with open(path, "wb") as f:
           f.write(b"corrupt")
+    # A save killed half-way leaves Orbax's temporary directory behind.
+    half_written = os.path.join(workdir, "checkpoints", "9.orbax-checkpoint-tmp-1700000000")
+    os.makedirs(os.path.join(half_written, "state"))
+    with open(os.path.join(half_written, "state", "partial"), "wb") as f:
+      f.write(b"half")
     proc = helpers.run_main(workdir, "--config.total_steps=9", "--config.checkpoint_every_steps=3")
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertRegex(proc.stderr, r"Checkpoint .*checkpoints/6 is corrupt or incomplete")
+    self.assertTrue(os.path.isdir(os.path.join(workdir, "checkpoints", "9")))
     self.assertIn("Resumed from", proc.stderr)
     self.assertRegex(proc.stderr, r"checkpoints/3 at step 3")
     self.assertTrue(os.path.isdir(os.path.join(workdir, "checkpoints", "6.corrupt")))
