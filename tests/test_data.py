@@ -102,7 +102,7 @@ class SourcesTest(parameterized.TestCase):
     with tempfile.TemporaryDirectory() as d:
       with self.assertRaisesRegex(ConfigError, "config.evals.test .*no t10k-images"):
         data.build_source(cfg(source="idx", split="test", data_dir=d), "config.evals.test")
-      with self.assertRaisesRegex(ConfigError, "has no 'train' directory"):
+      with self.assertRaisesRegex(ConfigError, "no images under '<root>/train/<class>/'"):
         data.build_source(cfg(source="image_folder", data_dir=d), "config.input")
     with self.assertRaisesRegex(ConfigError, "config.input.source='imagenet' is not a known data source"):
       data.build_source(cfg(source="imagenet"), "config.input")

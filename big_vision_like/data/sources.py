@@ -7,11 +7,13 @@ can use them. Each one reads a public layout as it is distributed.
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import struct
 import tarfile
 
 import numpy as np
+from PIL import Image
 
 from big_vision_like.registry import ConfigError, Registry
 
@@ -98,95 +100,135 @@ class IdxSource:
     return {"image": self.images[i], "label": self.labels[i]}
 
 
-@SOURCES.register("image_folder")
-class ImageFolderSource:
-  """`<root>/<split>/<class>/<image>` as a directory, a .tar, or a .tar.gz.
+class FileTree:
+  """Files of a directory, a .tar or a compressed tar, by relative '/' path.
 
-  Classes are the sorted sub-directory names. A plain directory or .tar is read
-  lazily (random access by file offset); a compressed tar cannot seek, so its
-  split is read into memory once (fine for CIFAR-size data; convert larger
-  sets to a plain tar or a directory).
+  A directory or plain tar is read lazily (a tar by file offset); a compressed
+  tar cannot seek, so the files `keep` selects are read into memory once
+  (fine for CIFAR-size data; use a plain tar, a directory or ArrayRecord for
+  larger sets).
   """
 
-  def __init__(self, split: str, data_dir: str):
-    self.path, self.split = data_dir, split
-    if os.path.isdir(data_dir):
-      files = self._list_dir(data_dir, split)
-      self._members = files
-      self.kind = "dir"
-    elif tarfile.is_tarfile(data_dir):
-      files = self._list_tar(data_dir, split)
-      self.kind = "tar" if not data_dir.endswith(("gz", "bz2", "xz")) else "tar_mem"
-    else:
-      raise ConfigError(f"{data_dir} is neither a directory nor a tar archive")
-    if not files:
-      raise ConfigError(f"no images under '<root>/{split}/<class>/' in {data_dir}")
-    self.classes = sorted({c for c, _ in files})
-    self.num_classes = len(self.classes)
-    index = {c: i for i, c in enumerate(self.classes)}
-    self.labels = np.array([index[c] for c, _ in files], np.int32)
-    self._locations = [loc for _, loc in files]
+  def __init__(self, path: str, keep=lambda name: True):
+    self.path = path
     self._file = None
-    if self.kind == "tar_mem":
-      self._load_compressed_tar()
-
-  @staticmethod
-  def _list_dir(root, split):
-    base = os.path.join(root, split)
-    if not os.path.isdir(base):
-      raise ConfigError(f"{root} has no '{split}' directory (the split)")
-    files = []
-    for cls in sorted(os.listdir(base)):
-      cdir = os.path.join(base, cls)
-      if os.path.isdir(cdir):
-        files += [(cls, os.path.join(cdir, f)) for f in sorted(os.listdir(cdir))
-                  if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return files
-
-  def _list_tar(self, path, split):
-    files = []
+    self._blobs: dict[str, bytes] = {}
+    self._offsets: dict[str, tuple[int, int]] = {}
+    if os.path.isdir(path):
+      self.kind = "dir"
+      self.names = sorted(
+          os.path.relpath(os.path.join(d, f), path).replace(os.sep, "/")
+          for d, _, files in os.walk(path) for f in files)
+      self.names = [n for n in self.names if keep(n)]
+      return
     try:
+      if not tarfile.is_tarfile(path):
+        raise ConfigError(f"{path} is neither a directory nor a tar archive")
+      compressed = path.endswith(("gz", "bz2", "xz"))
+      self.kind = "tar_mem" if compressed else "tar"
       with tarfile.open(path) as tar:
         for member in tar:
-          parts = member.name.split("/")
-          if (member.isfile() and len(parts) >= 3 and parts[-3] == split
-              and parts[-1].lower().endswith(IMAGE_EXTENSIONS)):
-            files.append((parts[-2], (member.name, member.offset_data, member.size)))
+          if member.isfile() and keep(member.name):
+            if compressed:
+              self._blobs[member.name] = tar.extractfile(member).read()
+            else:
+              self._offsets[member.name] = (member.offset_data, member.size)
     except (tarfile.TarError, OSError, EOFError) as e:
       raise ConfigError(f"cannot read tar archive {path}: {e}") from e
-    files.sort(key=lambda f: (f[0], f[1][0]))
-    return files
+    self.names = sorted(self._blobs or self._offsets)
 
-  def _load_compressed_tar(self):
-    wanted = {loc[0]: i for i, loc in enumerate(self._locations)}
-    self._blobs = [b""] * len(wanted)
-    with tarfile.open(self.path) as tar:
-      for member in tar:
-        if member.name in wanted:
-          self._blobs[wanted[member.name]] = tar.extractfile(member).read()
+  def read(self, name: str) -> bytes:
+    if self.kind == "dir":
+      with open(os.path.join(self.path, name), "rb") as f:
+        return f.read()
+    if self.kind == "tar_mem":
+      return self._blobs[name]
+    if self._file is None:
+      self._file = open(self.path, "rb")
+    offset, size = self._offsets[name]
+    self._file.seek(offset)
+    return self._file.read(size)
 
   def __getstate__(self):
     state = dict(self.__dict__)
     state["_file"] = None  # open file handles don't cross process boundaries
     return state
 
+
+@SOURCES.register("image_folder")
+class ImageFolderSource:
+  """`<root>/<split>/<class>/<image>` as a directory, a .tar, or a .tar.gz.
+
+  Classes are the sorted sub-directory names; `<root>` may sit at any depth
+  inside a tar (e.g. `cifar10/train/cat/0001.jpg`).
+  """
+
+  def __init__(self, split: str, data_dir: str):
+    def in_split(name: str) -> bool:
+      parts = name.split("/")
+      return (len(parts) >= 3 and parts[-3] == split
+              and parts[-1].lower().endswith(IMAGE_EXTENSIONS))
+
+    self.files = FileTree(data_dir, keep=in_split)
+    if not self.files.names:
+      raise ConfigError(f"no images under '<root>/{split}/<class>/' in {data_dir}")
+    self.names = sorted(self.files.names, key=lambda n: (n.split("/")[-2], n))
+    self.classes = sorted({n.split("/")[-2] for n in self.names})
+    self.num_classes = len(self.classes)
+    index = {c: i for i, c in enumerate(self.classes)}
+    self.labels = np.array([index[n.split("/")[-2]] for n in self.names], np.int32)
+
   def __len__(self):
     return len(self.labels)
 
-  def _read(self, i) -> bytes:
-    if self.kind == "dir":
-      with open(self._locations[i], "rb") as f:
-        return f.read()
-    if self.kind == "tar_mem":
-      return self._blobs[i]
-    if self._file is None:
-      self._file = open(self.path, "rb")
-    _, offset, size = self._locations[i]
-    self._file.seek(offset)
-    return self._file.read(size)
+  def __getitem__(self, i):
+    return {"image": self.files.read(self.names[i]), "label": self.labels[i]}
+
+
+@SOURCES.register("oxford_pets")
+class OxfordPetsSource:
+  """Oxford-IIIT Pet segmentation: `images/<name>.jpg` + `annotations/trimaps/<name>.png`.
+
+  `data_dir` is the dataset directory (or a tar of it) with
+  `annotations/{trainval,test}.txt`. Trimap values 1 (pet), 2 (background),
+  3 (border) become mask classes 1, 0 and, by default, 255 = ignored
+  (`border_class=2` keeps the border as a third class). 'label' is the breed.
+  """
+  IGNORE = 255
+
+  def __init__(self, split: str, data_dir: str, border_class: int = IGNORE):
+    lists = {"train": "trainval", "trainval": "trainval", "test": "test"}
+    if split not in lists:
+      raise ConfigError(f"split={split!r} is not an Oxford pets split; valid: train, test")
+    self.files = FileTree(data_dir, keep=lambda n: n.endswith((".jpg", ".png", ".txt")))
+    by_suffix = {}
+    for name in self.files.names:
+      by_suffix.setdefault(name.rsplit("/", 2)[-2] + "/" + name.rsplit("/", 1)[-1], name)
+    list_name = by_suffix.get(f"annotations/{lists[split]}.txt")
+    if list_name is None:
+      raise ConfigError(f"no annotations/{lists[split]}.txt in {data_dir}")
+    self.items = []
+    for line in self.files.read(list_name).decode().splitlines():
+      if line.strip() and not line.startswith("#"):
+        stem, class_id = line.split()[:2]
+        image, trimap = by_suffix.get(f"images/{stem}.jpg"), by_suffix.get(f"trimaps/{stem}.png")
+        if image is None or trimap is None:
+          raise ConfigError(f"{data_dir}: {stem} is listed but its image or trimap is missing")
+        self.items.append((image, trimap, int(class_id) - 1))
+    self.num_classes = 2 if border_class == self.IGNORE else 3
+    self._lut = np.full(256, self.IGNORE, np.uint8)
+    self._lut[[1, 2, 3]] = [1, 0, border_class]
+
+  def __len__(self):
+    return len(self.items)
 
   def __getitem__(self, i):
-    return {"image": self._read(i), "label": self.labels[i]}
+    image, trimap, label = self.items[i]
+    mask = np.asarray(Image.open(io.BytesIO(self.files.read(trimap))))
+    if mask.ndim == 3:
+      mask = mask[..., 0]
+    return {"image": self.files.read(image), "mask": self._lut[mask],
+            "label": np.int32(label)}
 
 
 @SOURCES.register("array_record")

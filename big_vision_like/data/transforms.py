@@ -65,6 +65,11 @@ def decode(element, rng, channels: int = 3):
     image = np.repeat(image, 3, axis=-1)
   elif image.shape[-1] == 3 and channels == 1:
     image = np.asarray(Image.fromarray(image).convert("L"))[..., None]
+  mask = element.get("mask")
+  if mask is not None and np.shape(mask)[:2] != image.shape[:2]:
+    raise ValueError(f"segmentation mask is {np.shape(mask)[0]}x{np.shape(mask)[1]} but its "
+                     f"image is {image.shape[0]}x{image.shape[1]} (label "
+                     f"{element.get('label')}); masks must match their images")
   return {**element, "image": image}
 
 
