@@ -41,7 +41,7 @@ class ConfigsTest(parameterized.TestCase):
         final = train.train_and_evaluate(config, workdir)
     else:
       final = train.train_and_evaluate(config, workdir)
-    self.assertTrue(any(k.endswith("/accuracy") for k in final), final)
+    self.assertTrue(any(k.endswith(("/accuracy", "/mean_iou")) for k in final), final)
     records = helpers.read_metrics(workdir)
     self.assertEqual(max(r["step"] for r in records), config.total_steps)
 

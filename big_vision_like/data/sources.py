@@ -146,8 +146,8 @@ class FileTree:
     if self._file is None:
       self._file = open(self.path, "rb")
     offset, size = self._offsets[name]
-    self._file.seek(offset)
-    return self._file.read(size)
+    # Positional read: safe with grain's reader threads sharing the handle.
+    return os.pread(self._file.fileno(), size, offset)
 
   def __getstate__(self):
     state = dict(self.__dict__)
