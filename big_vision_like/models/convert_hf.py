@@ -1,0 +1,123 @@
+"""HuggingFace transformers weights -> our parameters, so runs can start from published models.
+
+`load_hf_vit(state_dict, hf_config)` takes a (numpy) state dict of
+`ViTModel` / `ViTForImageClassification` in either transformers 4 naming
+(`encoder.layer.N.attention.attention.query`) or 5 naming
+(`layers.N.attention.q_proj`) and a config dict, and returns (our model
+kwargs, our parameters as a pure dict). `assign(model, params)` puts them into a
+model, naming the first parameter whose shape disagrees.
+
+Layout facts handled here: torch Linear weights are [out, in] (ours [in, out]);
+the patch conv [D, C, p, p] becomes our patchify matmul [(p, p, C), D]; HF adds a
+position embedding to the class token, which we fold into `cls_token`; HF ViT
+uses exact GELU and layer-norm eps 1e-12 by default.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from big_vision_like.registry import ConfigError
+
+# transformers 4 names -> transformers 5 names
+_LEGACY = [
+    (r"encoder\.layer\.(\d+)\.attention\.attention\.query", r"layers.\1.attention.q_proj"),
+    (r"encoder\.layer\.(\d+)\.attention\.attention\.key", r"layers.\1.attention.k_proj"),
+    (r"encoder\.layer\.(\d+)\.attention\.attention\.value", r"layers.\1.attention.v_proj"),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense", r"layers.\1.attention.o_proj"),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense", r"layers.\1.mlp.fc1"),
+    (r"encoder\.layer\.(\d+)\.output\.dense", r"layers.\1.mlp.fc2"),
+    (r"encoder\.layer\.(\d+)\.", r"layers.\1."),
+]
+
+
+def _normalise_names(state_dict: dict[str, Any]) -> dict[str, np.ndarray]:
+  out = {}
+  for key, value in state_dict.items():
+    key = key[len("vit."):] if key.startswith("vit.") else key
+    for pattern, replacement in _LEGACY:
+      key = re.sub(pattern, replacement, key)
+    out[key] = np.asarray(value, np.float32)
+  return out
+
+
+def _linear(sd, name):
+  return {"kernel": sd[f"{name}.weight"].T, "bias": sd[f"{name}.bias"]}
+
+
+def _norm(sd, name):
+  return {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
+
+
+def load_hf_vit(state_dict: dict[str, Any], hf_config: dict[str, Any]):
+  """Returns (ViT kwargs, parameters) for an HF ViT state dict and config."""
+  sd = _normalise_names(state_dict)
+  if hf_config.get("hidden_act", "gelu") != "gelu":
+    raise ConfigError(f"HF ViT hidden_act={hf_config['hidden_act']!r}: only exact 'gelu' maps")
+  width, depth = hf_config["hidden_size"], hf_config["num_hidden_layers"]
+  patch, channels = hf_config["patch_size"], hf_config.get("num_channels", 3)
+  num_classes = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else 0
+  kwargs = dict(num_classes=num_classes, patch_size=patch, width=width, depth=depth,
+                mlp_dim=hf_config["intermediate_size"],
+                num_heads=hf_config["num_attention_heads"],
+                image_size=hf_config["image_size"], channels=channels, pool="cls",
+                posemb="learn", ln_eps=hf_config.get("layer_norm_eps", 1e-12),
+                head_zero_init=False)
+  conv = sd["embeddings.patch_embeddings.projection.weight"]  # [D, C, p, p]
+  pos = sd["embeddings.position_embeddings"]  # [1, 1 + N, D], class token first
+  params = {
+      "embedding": {"kernel": conv.transpose(2, 3, 1, 0).reshape(patch * patch * channels, width),
+                    "bias": sd["embeddings.patch_embeddings.projection.bias"]},
+      "cls_token": sd["embeddings.cls_token"] + pos[:, :1],
+      "pos_embedding": pos[:, 1:],
+      "norm": _norm(sd, "layernorm"),
+      "blocks": {},
+  }
+  for i in range(depth):
+    p = f"layers.{i}"
+    params["blocks"][i] = {
+        "norm1": _norm(sd, f"{p}.layernorm_before"),
+        "norm2": _norm(sd, f"{p}.layernorm_after"),
+        "attn": {"query": _linear(sd, f"{p}.attention.q_proj"),
+                 "key": _linear(sd, f"{p}.attention.k_proj"),
+                 "value": _linear(sd, f"{p}.attention.v_proj"),
+                 "out": _linear(sd, f"{p}.attention.o_proj")},
+        "mlp": {"fc1": _linear(sd, f"{p}.mlp.fc1"), "fc2": _linear(sd, f"{p}.mlp.fc2")},
+    }
+  if num_classes:
+    params["head"] = _linear(sd, "classifier")
+  return kwargs, params
+
+
+def assign(model: nnx.Module, params: dict[str, Any], where: str = "checkpoint") -> None:
+  """Copies a pure-dict of parameters into `model`, checking every path and shape."""
+  _, state = nnx.split(model)
+  expected = {tuple(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
+  given = {tuple(str(k) for k in path): value for path, value in
+           _flatten(params)}
+  for path, var in expected.items():
+    if not isinstance(var, nnx.Param):
+      continue
+    name = "/".join(path)
+    if path not in given:
+      raise ConfigError(f"{where} has no parameter {name} (shape {var.get_value().shape})")
+    value = np.asarray(given.pop(path))
+    if value.shape != var.get_value().shape:
+      raise ConfigError(f"{where} parameter {name} has shape {value.shape} but the config "
+                        f"builds {var.get_value().shape}")
+    var.set_value(jax.numpy.asarray(value, var.get_value().dtype))
+  if given:
+    raise ConfigError(f"{where} has parameters the model lacks: "
+                      f"{', '.join('/'.join(p) for p in sorted(given))[:300]}")
+
+
+def _flatten(tree, prefix=()):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flatten(value, prefix + (key,))
+    else:
+      yield prefix + (key,), value
