@@ -12,7 +12,7 @@ from absl.testing import absltest, parameterized
 import jax
 from flax import nnx
 
-from big_vision_like.models import convert_hf, vit
+from big_vision_like.models import convert_hf, swin, vit
 from big_vision_like.registry import ConfigError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -66,6 +66,41 @@ class ViTParityTest(parameterized.TestCase):
     with self.assertRaisesRegex(ConfigError, r"parameter blocks/0/mlp/fc1/bias has shape "
                                 r"\(64,\) but the config builds \(32,\)"):
       convert_hf.assign(model, params, where="checkpoint")
+
+
+def legacy_swin_names(state_dict):
+  out = {}
+  for key, value in state_dict.items():
+    for new, old in ((".attention.q_proj", ".attention.self.query"),
+                     (".attention.k_proj", ".attention.self.key"),
+                     (".attention.v_proj", ".attention.self.value"),
+                     (".attention.relative_position_bias.relative_position_bias_table",
+                      ".attention.self.relative_position_bias_table"),
+                     (".attention.o_proj", ".attention.output.dense"),
+                     (".mlp.fc1", ".intermediate.dense"), (".mlp.fc2", ".output.dense")):
+      key = key.replace(new, old)
+    out[key] = value
+  return out
+
+
+class SwinParityTest(parameterized.TestCase):
+
+  @parameterized.product(name=["swin_a", "swin_b"], legacy=[False, True])
+  def test_matches_hf_swin(self, name, legacy):
+    config, state_dict, images, expected = load_fixture(name)
+    if legacy:
+      state_dict = legacy_swin_names(state_dict)
+    kwargs, params = convert_hf.load_hf_swin(state_dict, config)
+    with nnx.use_eager_sharding(False):
+      model = swin.Swin(**kwargs, rngs=nnx.Rngs(0))
+    convert_hf.assign(model, params, where=f"HF {name}")
+    logits, aux = model(jax.numpy.asarray(images))
+    np.testing.assert_allclose(logits, expected["logits"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(aux["tokens"], expected["last_hidden_state"], atol=1e-5, rtol=0)
+    for i, stage in enumerate(aux["stages"]):  # HF reports each stage after its merge
+      merge = model.stages[i].merge
+      ours = merge(stage) if merge is not None else stage
+      np.testing.assert_allclose(ours, expected[f"stage_{i}"], atol=1e-5, rtol=0)
 
 
 if __name__ == "__main__":

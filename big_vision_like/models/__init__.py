@@ -1,8 +1,9 @@
 """Backbones by name: `config.model.name` picks one, the rest of config.model are its arguments."""
-from big_vision_like.models import vit
+from big_vision_like.models import swin, vit
 from big_vision_like.registry import Registry
 
 MODELS = Registry("model", "config.model.name")
 MODELS.register("vit")(vit.ViT)
+MODELS.register("swin")(swin.Swin)
 
 __all__ = ["MODELS"]

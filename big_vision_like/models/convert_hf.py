@@ -45,6 +45,19 @@ def _normalise_names(state_dict: dict[str, Any]) -> dict[str, np.ndarray]:
   return out
 
 
+# transformers 4 Swin names -> transformers 5 names
+_LEGACY_SWIN = [
+    (r"attention\.self\.query", "attention.q_proj"),
+    (r"attention\.self\.key", "attention.k_proj"),
+    (r"attention\.self\.value", "attention.v_proj"),
+    (r"attention\.self\.relative_position_bias_table",
+     "attention.relative_position_bias.relative_position_bias_table"),
+    (r"attention\.output\.dense", "attention.o_proj"),
+    (r"(blocks\.\d+)\.intermediate\.dense", r"\1.mlp.fc1"),
+    (r"(blocks\.\d+)\.output\.dense", r"\1.mlp.fc2"),
+]
+
+
 def _linear(sd, name):
   return {"kernel": sd[f"{name}.weight"].T, "bias": sd[f"{name}.bias"]}
 
@@ -121,3 +134,55 @@ def _flatten(tree, prefix=()):
       yield from _flatten(value, prefix + (key,))
     else:
       yield prefix + (key,), value
+
+
+def load_hf_swin(state_dict: dict[str, Any], hf_config: dict[str, Any]):
+  """Returns (Swin kwargs, parameters) for an HF Swin state dict and config."""
+  sd = {}
+  for key, value in state_dict.items():
+    key = key[len("swin."):] if key.startswith("swin.") else key
+    for pattern, replacement in _LEGACY_SWIN:
+      key = re.sub(pattern, replacement, key)
+    sd[key] = np.asarray(value, np.float32)
+  if hf_config.get("hidden_act", "gelu") != "gelu" or hf_config.get("use_absolute_embeddings"):
+    raise ConfigError("HF Swin with hidden_act other than 'gelu' or absolute position "
+                      "embeddings does not map onto our Swin")
+  depths, patch = list(hf_config["depths"]), hf_config["patch_size"]
+  channels, embed = hf_config.get("num_channels", 3), hf_config["embed_dim"]
+  num_classes = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else 0
+  kwargs = dict(num_classes=num_classes, patch_size=patch, window_size=hf_config["window_size"],
+                embed_dim=embed, depths=tuple(depths), num_heads=tuple(hf_config["num_heads"]),
+                mlp_ratio=hf_config.get("mlp_ratio", 4.0), image_size=hf_config["image_size"],
+                channels=channels, ln_eps=hf_config.get("layer_norm_eps", 1e-5),
+                head_zero_init=False, drop_path=0.0)
+  conv = sd["embeddings.patch_embeddings.projection.weight"]
+  params = {
+      "patch_embed": {"kernel": conv.transpose(2, 3, 1, 0).reshape(patch * patch * channels, embed),
+                      "bias": sd["embeddings.patch_embeddings.projection.bias"]},
+      "patch_norm": _norm(sd, "embeddings.norm"),
+      "norm": _norm(sd, "layernorm"),
+      "stages": {},
+  }
+  for i, depth in enumerate(depths):
+    stage = {"blocks": {}}
+    for j in range(depth):
+      p = f"encoder.layers.{i}.blocks.{j}"
+      stage["blocks"][j] = {
+          "norm1": _norm(sd, f"{p}.layernorm_before"),
+          "norm2": _norm(sd, f"{p}.layernorm_after"),
+          "attn": {"query": _linear(sd, f"{p}.attention.q_proj"),
+                   "key": _linear(sd, f"{p}.attention.k_proj"),
+                   "value": _linear(sd, f"{p}.attention.v_proj"),
+                   "out": _linear(sd, f"{p}.attention.o_proj"),
+                   "bias_table": sd[f"{p}.attention.relative_position_bias."
+                                    "relative_position_bias_table"]},
+          "mlp": {"fc1": _linear(sd, f"{p}.mlp.fc1"), "fc2": _linear(sd, f"{p}.mlp.fc2")},
+      }
+    if i < len(depths) - 1:
+      p = f"encoder.layers.{i}.downsample"
+      stage["merge"] = {"norm": _norm(sd, f"{p}.norm"),
+                        "reduction": {"kernel": sd[f"{p}.reduction.weight"].T}}
+    params["stages"][i] = stage
+  if num_classes:
+    params["head"] = _linear(sd, "classifier")
+  return kwargs, params
