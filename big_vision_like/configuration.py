@@ -109,7 +109,8 @@ def smoke(config: ml_collections.ConfigDict, *, steps: int = 4, batch_size: int 
           **model) -> ml_collections.ConfigDict:
   """The `:smoke` setting every config offers: a tiny model for a few steps.
 
-  `model` overrides the tiny architecture (e.g. a patch size that fits the data).
+  A ViT becomes width 16, depth 1; `model` sets other fields (a patch size that
+  fits the data, or the tiny architecture of another backbone).
   """
   config.total_epochs = None
   config.total_steps = steps
@@ -119,5 +120,9 @@ def smoke(config: ml_collections.ConfigDict, *, steps: int = 4, batch_size: int 
   config.input.batch_size = batch_size
   config.input.num_workers = 0
   config.optim.grad_accum_steps = min(config.optim.grad_accum_steps, 2)
-  config.model.update(dict(variant=None, width=16, depth=1, num_heads=2, mlp_dim=32), **model)
+  if config.model.name == "vit":
+    model = {**dict(variant=None, width=16, depth=1, num_heads=2, mlp_dim=32), **model}
+  with config.unlocked():
+    for key, value in model.items():
+      config.model[key] = value
   return config

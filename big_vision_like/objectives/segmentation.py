@@ -30,7 +30,7 @@ class Segmentation(Objective):
     self.backbone = MODELS.build(model.pop("name"), model, field="config.model", rngs=rngs)
     head_args = dict(head_args or {})
     self.head = HEADS.build(head, head_args, field="config.objective.head_args",
-                            width=self.backbone.width, num_classes=num_classes, rngs=rngs)
+                            backbone=self.backbone, num_classes=num_classes, rngs=rngs)
     self.num_classes, self.ignore_index = num_classes, ignore_index
 
   def segment(self, images: jax.Array, *, train: bool = False,
