@@ -12,7 +12,7 @@ from absl.testing import absltest, parameterized
 import jax
 from flax import nnx
 
-from big_vision_like.models import convert_hf, swin, vit
+from big_vision_like.models import convert_hf, perceiver, swin, vit
 from big_vision_like.registry import ConfigError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -101,6 +101,20 @@ class SwinParityTest(parameterized.TestCase):
       merge = model.stages[i].merge
       ours = merge(stage) if merge is not None else stage
       np.testing.assert_allclose(ours, expected[f"stage_{i}"], atol=1e-5, rtol=0)
+
+
+class PerceiverParityTest(parameterized.TestCase):
+
+  @parameterized.parameters("perceiver_learned", "perceiver_fourier")
+  def test_matches_hf_perceiver(self, name):
+    config, state_dict, images, expected = load_fixture(name)
+    kwargs, params = convert_hf.load_hf_perceiver(state_dict, config)
+    with nnx.use_eager_sharding(False):
+      model = perceiver.Perceiver(**kwargs, rngs=nnx.Rngs(0))
+    convert_hf.assign(model, params, where=f"HF {name}")
+    logits, aux = model(jax.numpy.asarray(images))
+    np.testing.assert_allclose(aux["latents"], expected["latents"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(logits, expected["logits"], atol=1e-5, rtol=0)
 
 
 if __name__ == "__main__":

@@ -186,3 +186,67 @@ def load_hf_swin(state_dict: dict[str, Any], hf_config: dict[str, Any]):
   if num_classes:
     params["head"] = _linear(sd, "classifier")
   return kwargs, params
+
+
+def _perceiver_layer(sd, prefix, cross: bool):
+  a = f"{prefix}.attention"
+  layer = {
+      "norm_q": _norm(sd, f"{a}.self.layernorm1"),
+      "query": _linear(sd, f"{a}.self.query"),
+      "key": _linear(sd, f"{a}.self.key"),
+      "value": _linear(sd, f"{a}.self.value"),
+      "out": _linear(sd, f"{a}.output.dense"),
+      "norm_mlp": _norm(sd, f"{prefix}.layernorm"),
+      "mlp": {"fc1": _linear(sd, f"{prefix}.mlp.dense1"),
+              "fc2": _linear(sd, f"{prefix}.mlp.dense2")},
+  }
+  if cross:
+    layer["norm_kv"] = _norm(sd, f"{a}.self.layernorm2")
+  return layer
+
+
+def load_hf_perceiver(state_dict: dict[str, Any], hf_config: dict[str, Any]):
+  """Returns (Perceiver kwargs, parameters) for HF PerceiverForImageClassification
+  Learned (conv1x1 + learned positions) or Fourier (pixels + Fourier features)."""
+  sd = {k[len("perceiver."):] if k.startswith("perceiver.") else k: np.asarray(v, np.float32)
+        for k, v in state_dict.items()}
+  if hf_config.get("hidden_act", "gelu") != "gelu":
+    raise ConfigError(f"HF Perceiver hidden_act={hf_config['hidden_act']!r}: only exact 'gelu' maps")
+  if hf_config.get("v_channels") not in (None, hf_config.get("qk_channels")):
+    raise ConfigError("HF Perceiver with v_channels != qk_channels does not map")
+  learned = "input_preprocessor.convnet_1x1.weight" in sd
+  size = hf_config["image_size"]
+  decode = "decoder.decoder.decoding_cross_attention"
+  kwargs = dict(
+      num_classes=sd["decoder.decoder.final_layer.weight"].shape[0], image_size=size,
+      channels=3, num_latents=hf_config["num_latents"], latent_dim=hf_config["d_latents"],
+      num_blocks=hf_config["num_blocks"],
+      self_attends_per_block=hf_config["num_self_attends_per_block"],
+      self_heads=hf_config["num_self_attention_heads"],
+      cross_heads=hf_config["num_cross_attention_heads"],
+      qk_channels=hf_config.get("qk_channels"),
+      self_widening=hf_config.get("self_attention_widening_factor", 1),
+      cross_widening=hf_config.get("cross_attention_widening_factor", 1),
+      decoder="class", ln_eps=1e-5)
+  params = {
+      "latents": sd["embeddings.latents"],
+      "encode_cross": _perceiver_layer(sd, "encoder.cross_attention", cross=True),
+      "self_attends": {i: _perceiver_layer(sd, f"encoder.self_attends.{i}", cross=False)
+                       for i in range(hf_config["num_self_attends_per_block"])},
+      "query": sd["decoder.decoder.output_position_encodings.position_embeddings"],
+      "decode_cross": _perceiver_layer(sd, decode, cross=True),
+      "head": _linear(sd, "decoder.decoder.final_layer"),
+  }
+  if learned:
+    conv = sd["input_preprocessor.convnet_1x1.weight"]  # [out, C, 1, 1]
+    kwargs.update(preprocessor="conv1x1", prep_channels=conv.shape[0], posemb="learn",
+                  posemb_channels=sd["input_preprocessor.position_embeddings."
+                                     "position_embeddings"].shape[1])
+    params["prep"] = {"kernel": conv[:, :, 0, 0].T,
+                      "bias": sd["input_preprocessor.convnet_1x1.bias"]}
+    params["pos_embedding"] = sd["input_preprocessor.position_embeddings.position_embeddings"]
+    params["pos_proj"] = _linear(sd, "input_preprocessor.positions_projection")
+  else:  # transformers hard-codes these for the Fourier image classifier
+    kwargs.update(preprocessor="pixels", posemb="fourier", num_bands=64,
+                  max_resolution=(224, 224))
+  return kwargs, params
