@@ -5,7 +5,7 @@
 
 The layout is `<root>/{train,test}/<class>/<image>`. Patch 4 on 32x32 gives
 64 tokens; the model (width 128, depth 6, 4 heads) and the 10-epoch budget are
-sized to train in under an hour on a 2-core CPU. On an accelerator, raise
+sized to train in about half an hour on a 2-core CPU. On an accelerator, raise
 `--config.total_epochs` (ViTs on CIFAR-10 keep improving to 100+ epochs) and the
 width (`--config.model.width=192 --config.model.mlp_dim=768`).
 `:smoke` runs a tiny model for a few steps.
@@ -17,7 +17,7 @@ DEFAULT_DATA_DIR = "../shared/data/cifar10_jpeg.tar.gz"
 
 def get_config(arg: str | None = None):
   config = configuration.defaults()
-  config.total_epochs = 10.0
+  config.total_epochs = 6.0
   config.log_every_steps = 100
   config.eval_every_steps = 2000
   config.checkpoint_every_steps = 1000

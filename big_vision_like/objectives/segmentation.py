@@ -23,20 +23,31 @@ class Segmentation(Objective):
   def __init__(self, config: Any, *, num_classes: int, head: str = "linear",
                head_args: dict | None = None, ignore_index: int = 255,
                rngs: nnx.Rngs):
+    """`head='none'` uses a backbone that predicts per-pixel logits itself
+    (Perceiver IO's dense decoder); other heads read the backbone's intermediates."""
     model = dict(config.model)
-    if model.get("num_classes"):
+    if head == "none":
+      if model.get("num_classes") != num_classes:
+        raise ConfigError(f"with config.objective.head='none' the backbone predicts the "
+                          f"pixels: set config.model.num_classes={num_classes}")
+    elif model.get("num_classes"):
       raise ConfigError("config.model.num_classes must be 0 for segmentation (the head "
                         "predicts config.objective.num_classes classes per pixel)")
     self.backbone = MODELS.build(model.pop("name"), model, field="config.model", rngs=rngs)
-    head_args = dict(head_args or {})
-    self.head = HEADS.build(head, head_args, field="config.objective.head_args",
-                            backbone=self.backbone, num_classes=num_classes, rngs=rngs)
+    self.head = None if head == "none" else HEADS.build(
+        head, dict(head_args or {}), field="config.objective.head_args",
+        backbone=self.backbone, num_classes=num_classes, rngs=rngs)
     self.num_classes, self.ignore_index = num_classes, ignore_index
 
   def segment(self, images: jax.Array, *, train: bool = False,
               rng: jax.Array | None = None) -> jax.Array:
     """Per-pixel logits [B, H, W, classes] at the input resolution."""
-    _, intermediates = self.backbone(images, train=train, rng=rng)
+    output, intermediates = self.backbone(images, train=train, rng=rng)
+    if self.head is None:
+      if output.shape[1:3] != images.shape[1:3]:
+        raise ConfigError(f"config.objective.head='none' needs a backbone with per-pixel "
+                          f"output; got shape {tuple(output.shape)}")
+      return output
     return self.head(intermediates, images.shape[1:3])
 
   def loss(self, batch, *, rng, train):
