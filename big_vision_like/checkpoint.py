@@ -17,6 +17,17 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from big_vision_like.registry import ConfigError
+
+
+def _key(k) -> str:
+  return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  return {"/".join(_key(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
 
 class Checkpointer:
 
@@ -53,6 +64,12 @@ class Checkpointer:
     """
     for step in reversed(self.all_steps()):
       try:
+        self._check_matches(step, abstract_state)
+      except ConfigError:
+        raise
+      except Exception:  # unreadable metadata: let the restore below report it
+        pass
+      try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=grain.checkpoint.CheckpointRestore(data_iterator)))
@@ -67,6 +84,23 @@ class Checkpointer:
         self._manager.close()
         self._manager = self._open()
     return None
+
+  def _check_matches(self, step: int, abstract_state: Any) -> None:
+    """A checkpoint of another config is an error naming the first differing parameter
+    (not a corrupt file to skip): the user changed the config or the workdir."""
+    with ocp.StandardCheckpointer() as reader:
+      metadata = reader.metadata(os.path.join(self.path(step), "state"))
+    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+    saved = _shapes(tree)
+    expected = _shapes(abstract_state)
+    for name in sorted(expected, key=lambda n: (not n.startswith("params/"), n)):
+      if name not in saved:
+        raise ConfigError(f"checkpoint {self.path(step)} was written by a different config: "
+                          f"it has no {name}; use another --workdir or the original config")
+      if saved[name] != expected[name]:
+        raise ConfigError(f"checkpoint {self.path(step)} does not match the config: {name} "
+                          f"has shape {saved[name]} there but {expected[name]} in the config; "
+                          f"use another --workdir or the original config")
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

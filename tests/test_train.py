@@ -181,6 +181,17 @@ class TrainSubprocessTest(absltest.TestCase):
     self.assertTrue(os.path.isdir(os.path.join(workdir, "checkpoints", "6.corrupt")))
     self.assertIn(9, helpers.train_losses(workdir))
 
+  def test_checkpoint_of_another_config_is_a_clear_error(self):
+    workdir = self.create_tempdir().full_path
+    proc = helpers.run_main(workdir, "--config.total_steps=2")
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    proc = helpers.run_main(workdir, "--config.total_steps=4", "--config.model.mlp_dim=48")
+    self.assertEqual(proc.returncode, 1, proc.stderr[-3000:])
+    self.assertRegex(proc.stderr, r"error: checkpoint .*checkpoints/2 does not match the config: "
+                     r"params/encoder/blocks/0/mlp/fc1/bias/value has shape \(32,\) there "
+                     r"but \(48,\) in the config")
+    self.assertTrue(os.path.isdir(os.path.join(workdir, "checkpoints", "2")))  # untouched
+
   def test_restore_onto_a_different_number_of_devices(self):
     workdir = self.create_tempdir().full_path
     proc = helpers.run_main(workdir, "--config.total_steps=4", "--config.log_every_steps=2",
