@@ -80,6 +80,18 @@ class SwinTest(parameterized.TestCase):
     self.assertFalse(np.allclose(model(x, train=True, rng=jax.random.key(2))[0],
                                  model(x, train=True, rng=jax.random.key(3))[0]))
 
+  def test_classifier_under_the_supervised_objective(self):
+    from big_vision_like.objectives.supervised import Supervised  # pylint: disable=g-import-not-at-top
+    from tests import helpers  # pylint: disable=g-import-not-at-top
+    config = helpers.tiny_config()
+    config.model = dict(name="swin", num_classes=10, patch_size=2, window_size=2, embed_dim=8,
+                        depths=(1, 1), num_heads=(1, 2), image_size=8, channels=1)
+    with nnx.use_eager_sharding(False):
+      objective = Supervised(config, rngs=nnx.Rngs(0))
+    batch = {"image": jnp.zeros((2, 8, 8, 1)), "label": jnp.array([1, 2])}
+    loss, _ = objective.loss(batch, rng=jax.random.key(0), train=True)
+    self.assertAlmostEqual(float(loss), float(np.log(10)), places=5)  # zero-init head
+
   def test_bad_inputs(self):
     with self.assertRaisesRegex(ConfigError, "not divisible by config.model.window_size=3"):
       tiny(window_size=3)
