@@ -121,3 +121,19 @@ class SegmentationObjectiveTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class TfdsPetsTest(absltest.TestCase):
+
+  def test_tfds_masks_are_relabelled(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+      src = data.build_source({"source": "tfds", "split": "train", "tfds_name": "oxford_iiit_pet",
+                               "mask_key": "segmentation_mask", "mask_map": (255, 1, 0, 255)},
+                              "config.input")
+      raw = data.build_source({"source": "tfds", "split": "train", "tfds_name": "oxford_iiit_pet",
+                               "mask_key": "segmentation_mask"}, "config.input")
+      element, original = src[0], raw[0]
+    self.assertEqual(element["mask"].ndim, 2)
+    lut = np.array([255, 1, 0, 255] + [255] * 252, np.uint8)
+    np.testing.assert_array_equal(element["mask"], lut[original["mask"]])

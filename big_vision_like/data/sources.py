@@ -261,7 +261,11 @@ class TfdsSource:
 
   def __init__(self, split: str, data_dir: str | None = None,
                tfds_name: str = "", image_key: str = "image",
-               label_key: str = "label"):
+               label_key: str = "label", mask_key: str = "",
+               mask_map: tuple = ()):
+    """`mask_key` adds a segmentation mask; `mask_map[v]` relabels mask value v
+    (e.g. `oxford_iiit_pet` trimaps: mask_key='segmentation_mask',
+    mask_map=(255, 1, 0, 255) for pet = 1, background = 0, border ignored)."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     if not tfds_name:
       raise ConfigError("config.input.tfds_name must name the TFDS dataset, e.g. 'imagenet2012'")
@@ -274,13 +278,22 @@ class TfdsSource:
       raise ConfigError(
           f"TFDS dataset {tfds_name!r} split {split!r} is not prepared in "
           f"data_dir={data_dir!r}: {first_line}") from e
-    self.image_key, self.label_key = image_key, label_key
+    self.image_key, self.label_key, self.mask_key = image_key, label_key, mask_key
     self.num_classes = info.features[label_key].num_classes
+    self._lut = None
+    if mask_map:
+      self._lut = np.full(256, 255, np.uint8)
+      self._lut[:len(mask_map)] = mask_map
 
   def __len__(self):
     return len(self._source)
 
   def __getitem__(self, i):
     record = self._source[i]
-    image = np.asarray(record[self.image_key])
-    return {"image": image, "label": np.int32(record[self.label_key])}
+    element = {"image": np.asarray(record[self.image_key]),
+               "label": np.int32(record[self.label_key])}
+    if self.mask_key:
+      mask = np.asarray(record[self.mask_key])
+      mask = mask[..., 0] if mask.ndim == 3 else mask
+      element["mask"] = self._lut[mask] if self._lut is not None else mask
+    return element
