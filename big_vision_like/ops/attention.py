@@ -17,6 +17,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from big_vision_like.ops.chunked import chunked_attention
+
 
 def _xla_attention(q, k, v, bias, mask, scale):
   """Reference: materialises the [B, H, Lq, Lk] logits, float32 softmax."""
@@ -30,18 +32,36 @@ def _xla_attention(q, k, v, bias, mask, scale):
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+def _cudnn_attention(q, k, v, bias, mask, scale):
+  """cuDNN's fused flash attention (GPU; fp16 / bf16)."""
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                      implementation="cudnn")
+
+
 IMPLEMENTATIONS: dict[str, Callable] = {
     "xla": _xla_attention,
+    "chunked": chunked_attention,
+    "cudnn": _cudnn_attention,
 }
+PLATFORMS = {"xla": ("cpu", "gpu", "tpu"), "chunked": ("cpu", "gpu", "tpu"),
+             "cudnn": ("gpu",)}
+# Above this many logits per (batch, head), 'auto' avoids materialising them.
+CHUNK_ABOVE = 2048 * 2048
 
 
-def _resolve(implementation: str) -> Callable:
+def _resolve(implementation: str, q, k) -> Callable:
+  platform = jax.default_backend()
   if implementation == "auto":
-    return IMPLEMENTATIONS["xla"]
+    long = q.shape[1] * k.shape[1] >= CHUNK_ABOVE
+    return IMPLEMENTATIONS["chunked" if long else "xla"]
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f"attention implementation {implementation!r} is unknown; valid: "
         f"{', '.join(['auto', *sorted(IMPLEMENTATIONS)])}")
+  if platform not in PLATFORMS[implementation]:
+    available = [n for n, p in PLATFORMS.items() if platform in p]
+    raise ValueError(f"attention implementation {implementation!r} is not available on "
+                     f"{platform}; available there: {', '.join(['auto', *available])}")
   return IMPLEMENTATIONS[implementation]
 
 
@@ -58,4 +78,4 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     raise ValueError(f"attention shapes disagree: q{q.shape} k{k.shape} v{v.shape}")
   if scale is None:
     scale = q.shape[-1] ** -0.5
-  return _resolve(implementation)(q, k, v, bias, mask, scale)
+  return _resolve(implementation, q, k)(q, k, v, bias, mask, scale)
