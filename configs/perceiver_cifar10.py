@@ -11,8 +11,7 @@ decodes the class. AdamW, warm-up + cosine to 1e-6, weight decay 0.05, clipping
 accumulated microbatches. `:smoke` runs a tiny model for a few steps.
 """
 from big_vision_like import configuration
-
-DEFAULT_DATA_DIR = "../shared/data/cifar10_jpeg.tar.gz"
+from configs import common
 
 
 def get_config(arg: str | None = None):
@@ -22,15 +21,7 @@ def get_config(arg: str | None = None):
   config.eval_every_steps = 1000
   config.checkpoint_every_steps = 500
 
-  config.input.source = "image_folder"
-  config.input.data_dir = DEFAULT_DATA_DIR
-  config.input.batch_size = 256
-  config.input.transforms = [
-      {"name": "decode", "channels": 3},
-      {"name": "random_crop", "size": 32, "padding": 4},
-      {"name": "flip_lr"},
-      {"name": "normalize"},
-  ]
+  common.cifar10(config, batch_size=256)
   config.model = dict(name="perceiver", num_classes=10, image_size=32, preprocessor="pixels",
                       posemb="fourier", num_bands=32, num_latents=128, latent_dim=256,
                       num_blocks=2, self_attends_per_block=4, self_heads=8, cross_heads=1,
@@ -43,9 +34,6 @@ def get_config(arg: str | None = None):
   config.optim.warmup_epochs = 2.0
   config.optim.grad_accum_steps = 2
   config.optim.wd_exclude = ("latents", "query", "pos_embedding")
-  config.evals = {"test": {"name": "classification", "split": "test", "batch_size": 500,
-                           "transforms": [{"name": "decode", "channels": 3},
-                                          {"name": "normalize"}]}}
 
   if arg == "smoke":
     configuration.smoke(config, num_latents=4, latent_dim=16, num_blocks=1,

@@ -12,42 +12,21 @@ to the latents and predict pet / background, upsampled to the pixels. float32
 model for a few steps.
 """
 from big_vision_like import configuration
+from configs import common
 
-DEFAULT_DATA_DIR = "../shared/data/oxford_pets3.tar"
+
 SIZE = 96
 
 
 def get_config(arg: str | None = None):
-  config = configuration.defaults()
-  config.total_epochs = 100.0
-  config.log_every_steps = 20
-  config.eval_every_steps = 200
-  config.checkpoint_every_steps = 200
-
-  config.input.source = "oxford_pets"
-  config.input.data_dir = DEFAULT_DATA_DIR
-  config.input.batch_size = 32
-  config.input.transforms = [
-      {"name": "decode", "channels": 3},
-      {"name": "random_resized_crop", "size": SIZE, "scale": (0.3, 1.0)},
-      {"name": "flip_lr"},
-      {"name": "normalize"},
-  ]
+  config = common.pets_segmentation(SIZE)
   config.model = dict(name="perceiver", num_classes=2, image_size=SIZE, preprocessor="patches",
                       patch_size=4, prep_channels=64, posemb="fourier", num_bands=16,
                       num_latents=128, latent_dim=128, num_blocks=2, self_attends_per_block=2,
                       self_heads=4, cross_heads=1, decoder="dense", dense_stride=1,
                       dense_concat_inputs=True)
   config.objective = dict(name="segmentation", num_classes=2, head="none")
-  config.optim.lr = 1e-3
-  config.optim.min_lr = 1e-6
-  config.optim.weight_decay = 0.05
-  config.optim.warmup_epochs = 5.0
   config.optim.wd_exclude = ("latents", "query")
-  config.evals = {"test": {"name": "segmentation", "split": "test", "batch_size": 50,
-                           "transforms": [{"name": "decode", "channels": 3},
-                                          {"name": "resize", "size": SIZE},
-                                          {"name": "normalize"}]}}
 
   if arg == "smoke":
     configuration.smoke(config, num_latents=4, latent_dim=16, num_blocks=1,

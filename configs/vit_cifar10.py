@@ -11,8 +11,7 @@ width (`--config.model.width=192 --config.model.mlp_dim=768`).
 `:smoke` runs a tiny model for a few steps.
 """
 from big_vision_like import configuration
-
-DEFAULT_DATA_DIR = "../shared/data/cifar10_jpeg.tar.gz"
+from configs import common
 
 
 def get_config(arg: str | None = None):
@@ -22,25 +21,13 @@ def get_config(arg: str | None = None):
   config.eval_every_steps = 2000
   config.checkpoint_every_steps = 1000
 
-  config.input.source = "image_folder"
-  config.input.data_dir = DEFAULT_DATA_DIR
-  config.input.batch_size = 128
-  config.input.num_workers = 0
-  config.input.transforms = [
-      {"name": "decode", "channels": 3},
-      {"name": "random_crop", "size": 32, "padding": 4},
-      {"name": "flip_lr"},
-      {"name": "normalize"},
-  ]
+  common.cifar10(config, batch_size=128)
   config.model = dict(name="vit", num_classes=10, patch_size=4, width=128, depth=6,
                       num_heads=4, mlp_dim=256, image_size=32, channels=3, pool="gap")
   config.objective = dict(name="supervised", label_smoothing=0.1)
   config.optim.lr = 1e-3
   config.optim.weight_decay = 0.05
   config.optim.warmup_epochs = 1.0
-  config.evals = {"test": {"name": "classification", "split": "test", "batch_size": 500,
-                           "transforms": [{"name": "decode", "channels": 3},
-                                          {"name": "normalize"}]}}
 
   if arg == "smoke":
     configuration.smoke(config, patch_size=8)

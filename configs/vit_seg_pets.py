@@ -10,38 +10,18 @@ linear layer per token, upsampled bilinearly to the pixels. `:smoke` runs a
 tiny model for a few steps.
 """
 from big_vision_like import configuration
+from configs import common
 
-DEFAULT_DATA_DIR = "../shared/data/oxford_pets3.tar"
+
 SIZE = 96
 
 
 def get_config(arg: str | None = None):
-  config = configuration.defaults()
-  config.total_epochs = 100.0
-  config.log_every_steps = 20
-  config.eval_every_steps = 200
-  config.checkpoint_every_steps = 200
-
-  config.input.source = "oxford_pets"
-  config.input.data_dir = DEFAULT_DATA_DIR
-  config.input.batch_size = 32
-  config.input.transforms = [
-      {"name": "decode", "channels": 3},
-      {"name": "random_resized_crop", "size": SIZE, "scale": (0.3, 1.0)},
-      {"name": "flip_lr"},
-      {"name": "normalize"},
-  ]
+  config = common.pets_segmentation(SIZE)
   config.model = dict(name="vit", num_classes=0, patch_size=8, width=128, depth=4,
                       num_heads=4, mlp_dim=256, image_size=SIZE, pool="gap",
                       posemb="learn")
   config.objective = dict(name="segmentation", num_classes=2, head="linear")
-  config.optim.lr = 1e-3
-  config.optim.weight_decay = 0.05
-  config.optim.warmup_epochs = 5.0
-  config.evals = {"test": {"name": "segmentation", "split": "test", "batch_size": 50,
-                           "transforms": [{"name": "decode", "channels": 3},
-                                          {"name": "resize", "size": SIZE},
-                                          {"name": "normalize"}]}}
 
   if arg == "smoke":
     configuration.smoke(config, patch_size=16)
