@@ -30,7 +30,7 @@ class AttentionTest(parameterized.TestCase):
              (2, 6, 10, 2, 16, False, True),    # key padding mask
              (1, 37, 53, 2, 64, True, True),    # odd lengths, several chunks
              (2, 40, 33, 2, 128, True, True)],  # head dim 128
-      implementation=["xla", "chunked"])
+      implementation=["xla", "chunked", "pallas"])
   def test_matches_float64_reference(self, shape, implementation):
     b, lq, lk, h, d, with_bias, with_mask = shape
     rng = np.random.default_rng(0)
@@ -61,18 +61,22 @@ class AttentionTest(parameterized.TestCase):
     target = jnp.asarray(rng.normal(size=(3, 19, 2, 16)), jnp.float32)
 
     from big_vision_like.ops.chunked import chunked_attention  # pylint: disable=g-import-not-at-top
+    from big_vision_like.ops.pallas_attention import pallas_attention  # pylint: disable=g-import-not-at-top
     implementations = {
         "xla": lambda q, k, v, bias: ops.dot_product_attention(
             q, k, v, bias=bias, mask=mask, implementation="xla"),
         # small chunks: several blocks in both directions, with padding
         "chunked": lambda q, k, v, bias: chunked_attention(
             q, k, v, bias, mask, 16 ** -0.5, q_chunk=8, k_chunk=5),
+        "pallas": lambda q, k, v, bias: pallas_attention(
+            q, k, v, bias, mask, 16 ** -0.5, block_q=16, block_k=16),
     }
     grads = {name: jax.grad(lambda *a: ((f(*a) - target) ** 2).sum(), argnums=(0, 1, 2, 3))(
         q, k, v, bias) for name, f in implementations.items()}
-    for a, b in zip(grads["xla"], grads["chunked"]):
-      self.assertEqual(a.shape, b.shape)
-      np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
+    for name in ("chunked", "pallas"):
+      for a, b in zip(grads["xla"], grads[name]):
+        self.assertEqual(a.shape, b.shape)
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5, err_msg=name)
 
   def test_chunked_memory_is_linear_in_sequence(self):
     """XLA's own memory analysis of the compiled forward+backward (compile only)."""
@@ -86,10 +90,12 @@ class AttentionTest(parameterized.TestCase):
     self.assertGreater(xla, 4096 * 4096 * 2 * 4)  # the [H, L, L] logits exist
     self.assertLess(chunked, xla / 8)
 
-  def test_bf16_inputs_keep_float32_softmax(self):
+  @parameterized.parameters("xla", "chunked", "pallas")
+  def test_bf16_inputs_keep_float32_softmax(self, implementation):
     rng = np.random.default_rng(1)
-    q, k, v = (rng.normal(size=(2, 16, 2, 32)).astype(np.float32) for _ in range(3))
-    out = ops.dot_product_attention(*(jnp.asarray(t, jnp.bfloat16) for t in (q, k, v)))
+    q, k, v = (rng.normal(size=(2, 33, 2, 32)).astype(np.float32) for _ in range(3))
+    out = ops.dot_product_attention(*(jnp.asarray(t, jnp.bfloat16) for t in (q, k, v)),
+                                    implementation=implementation)
     self.assertEqual(out.dtype, jnp.bfloat16)
     np.testing.assert_allclose(np.asarray(out, np.float32), reference(q, k, v),
                                atol=3e-2, rtol=3e-2)
@@ -101,11 +107,11 @@ class AttentionTest(parameterized.TestCase):
 
   def test_unknown_or_unavailable_implementation(self):
     x = jnp.zeros((1, 4, 1, 8))
-    with self.assertRaisesRegex(ValueError, "'flash3' is unknown; valid: auto, chunked, cudnn, xla"):
+    with self.assertRaisesRegex(ValueError, "'flash3' is unknown; valid: auto, chunked, cudnn, pallas, xla"):
       ops.dot_product_attention(x, x, x, implementation="flash3")
     if jax.default_backend() == "cpu":
       with self.assertRaisesRegex(ValueError, "'cudnn' is not available on cpu; available "
-                                  "there: auto, xla, chunked"):
+                                  "there: auto, xla, chunked, pallas"):
         ops.dot_product_attention(x, x, x, implementation="cudnn")
 
   def test_shape_mismatch_is_an_error(self):
@@ -135,8 +141,10 @@ class EveryModelEveryImplementationTest(parameterized.TestCase):
     }[name]
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
     outputs = {}
-    for implementation in ("xla", "chunked"):
+    for implementation in ("xla", "chunked", "pallas"):
       with nnx.use_eager_sharding(False):
         model = MODELS.build(name, dict(kwargs, attention=implementation), rngs=nnx.Rngs(0))
       outputs[implementation] = model(x)[0]
-    np.testing.assert_allclose(outputs["xla"], outputs["chunked"], atol=1e-5, rtol=1e-5)
+    for implementation in ("chunked", "pallas"):
+      np.testing.assert_allclose(outputs["xla"], outputs[implementation], atol=1e-5,
+                                 rtol=1e-5, err_msg=implementation)

@@ -7,7 +7,11 @@ position bias and shift mask); `mask` is boolean, True where attention is
 allowed, and broadcasts the same way (key padding).
 
 Implementations are chosen by name so that models and configs can switch
-kernels without touching model code. Softmax statistics are kept in float32
+kernels without touching model code: 'xla' (reference, materialises the
+logits), 'chunked' (O(sequence) memory, any platform), 'pallas' (the project's
+flash kernel: GPU, or CPU in interpret mode), 'cudnn' (GPU) and 'auto' (xla for
+short sequences, chunked for long ones; the GPU kernels are opt-in until they
+are benchmarked on the hardware). Softmax statistics are kept in float32
 whatever the input dtype.
 """
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from big_vision_like.ops.chunked import chunked_attention
+from big_vision_like.ops.pallas_attention import pallas_attention
 
 
 def _xla_attention(q, k, v, bias, mask, scale):
@@ -42,9 +47,11 @@ IMPLEMENTATIONS: dict[str, Callable] = {
     "xla": _xla_attention,
     "chunked": chunked_attention,
     "cudnn": _cudnn_attention,
+    "pallas": pallas_attention,
 }
+# 'pallas' is compiled (Triton) on GPU and interpreted on CPU, slowly: for tests.
 PLATFORMS = {"xla": ("cpu", "gpu", "tpu"), "chunked": ("cpu", "gpu", "tpu"),
-             "cudnn": ("gpu",)}
+             "cudnn": ("gpu",), "pallas": ("gpu", "cpu")}
 # Above this many logits per (batch, head), 'auto' avoids materialising them.
 CHUNK_ABOVE = 2048 * 2048
 
