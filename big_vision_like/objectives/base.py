@@ -7,8 +7,6 @@ through the step; it never branches on which objective runs.
 """
 from __future__ import annotations
 
-
-
 import jax
 from flax import nnx
 
@@ -27,5 +25,3 @@ class Objective(nnx.Module):
   # Evaluators ask for these; an objective provides the ones that make sense.
   def classify(self, images: jax.Array) -> jax.Array:
     raise NotImplementedError(f"objective {type(self).__name__} has no classifier")
-
-
