@@ -41,8 +41,8 @@ class ValidateTest(parameterized.TestCase):
     cases = [
         ({"model.dpeth": 2}, "config.model.dpeth is not a field of model 'vit'"),
         ({"objective.label_smooth": 0.1}, "config.objective.label_smooth is not a field of objective 'supervised'"),
-        ({"objective.name": "simclr"}, "config.objective.name='simclr' is not a known objective; valid names: supervised"),
-        ({"evals.test.name": "knn"}, "config.evals.test.name='knn' is not a known evaluator; valid names: classification"),
+        ({"objective.name": "simclr"}, "config.objective.name='simclr' is not a known objective; valid names: segmentation, supervised"),
+        ({"evals.test.name": "knn"}, "config.evals.test.name='knn' is not a known evaluator; valid names: classification, segmentation"),
         ({"evals.test.top_k": (1,)}, "config.evals.test.top_k is not a field of evaluator 'classification'"),
     ]
     for overrides, message in cases:
@@ -66,7 +66,7 @@ class CommandLineErrorsTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ("typo_override", ("--config.total_stepz=5",), 2, "total_stepz"),
       ("unknown_model", ("--config.model.name=vitt",), 1,
-       "config.model.name='vitt' is not a known model; valid names: vit"),
+       "config.model.name='vitt' is not a known model; valid names: perceiver, swin, vit"),
       ("missing_dataset", ("--config.input.source=idx", "--config.input.data_dir=/no/such/dir"), 1,
        "config.input.data_dir='/no/such/dir' does not exist"),
       ("image_size_vs_patch", ("--config.model.patch_size=3",), 1,

@@ -145,7 +145,7 @@ class ViTTest(parameterized.TestCase):
       tiny()(jnp.ones((1, 8, 8, 1)))
     with self.assertRaisesRegex(ConfigError, "config.model.depht is not a field of model 'vit'"):
       MODELS.build("vit", {"depht": 3}, field="config.model", rngs=nnx.Rngs(0))
-    with self.assertRaisesRegex(ConfigError, "config.model.name='vitt' is not a known model; valid names: vit"):
+    with self.assertRaisesRegex(ConfigError, "config.model.name='vitt' is not a known model; valid names: perceiver, swin, vit"):
       MODELS.get("vitt")
 
 
