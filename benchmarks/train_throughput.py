@@ -99,8 +99,8 @@ def main(argv):
         f"compute dtype {_DTYPE.value}, median of {_STEPS.value} steps")
   print(f"float32 matmul 2048^3: {peak_before:.1f} GFLOP/s before, "
         f"{peak_after:.1f} after")
-  print(f"| setting | batch | step (ms) | images/s | GFLOP/step | GFLOP/s | % of matmul |")
-  print(f"|---|---|---|---|---|---|---|")
+  print("| setting | batch | step (ms) | images/s | GFLOP/step | GFLOP/s | % of matmul |")
+  print("|---|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['name']} | {r['batch']} | {r['step_ms']:.1f} | {r['img_s']:.1f} | "
           f"{r['gflop_step']:.1f} | {r['gflop_s']:.1f} | {100 * r['gflop_s'] / peak:.0f}% |")

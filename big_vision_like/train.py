@@ -8,7 +8,6 @@ command again resumes from the newest good checkpoint.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -18,7 +17,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from flax import nnx

@@ -4,7 +4,6 @@ from absl.testing import absltest
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from big_vision_like import configuration, optim

@@ -3,7 +3,6 @@ resume after SIGKILL, SIGTERM, NaN losses, corrupt checkpoints, accumulation."""
 import glob
 import os
 import signal
-import tempfile
 import time
 
 import numpy as np

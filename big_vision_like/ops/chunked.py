@@ -142,8 +142,7 @@ def _backward(q, k, v, bias, mask, scale, cq, ck, out, lse, dout):
     (dq_i, dk, dv, dbias), _ = jax.lax.scan(k_block, init, jnp.arange(nk))
     return (dk, dv, dbias), dq_i
 
-  zeros_bias = None if biasp is None else jnp.zeros(
-      (biasp.shape[0], biasp.shape[1], biasp.shape[2], biasp.shape[3]), jnp.float32)
+  zeros_bias = None if biasp is None else jnp.zeros(biasp.shape, jnp.float32)
   init = (jnp.zeros(kp.shape, jnp.float32), jnp.zeros(vp.shape, jnp.float32), zeros_bias)
   (dk, dv, dbias), dq = jax.lax.scan(q_block, init, jnp.arange(nq))
   dq = dq.transpose(1, 0, 2, 3, 4).reshape(b, nq * cq, h, d)[:, :lq]
