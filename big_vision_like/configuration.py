@@ -43,6 +43,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.input.num_workers = 0  # grain worker processes; 0 reads in this process
   c.input.worker_buffer_size = 2
   c.input.prefetch_threads = 2
+  # Text -> ids for the 'tokenize' transform: 'bytes' (no files) or
+  # 'sentencepiece' (path = the .model file).
+  c.input.tokenizer = ml_collections.ConfigDict({"name": "bytes", "max_len": 32, "path": ""})
 
   c.model = ml_collections.ConfigDict({"name": "vit"})
   c.objective = ml_collections.ConfigDict({"name": "supervised"})

@@ -42,20 +42,22 @@ class Registry(Generic[T]):
 
   def build(self, name: str, kwargs: dict[str, Any], field: str | None = None,
             **extra) -> Any:
-    """Instantiates `name` with config kwargs, naming any unknown keyword."""
+    """Instantiates `name` with config kwargs, naming any unknown keyword.
+
+    `extra` arguments come from the code, not the config, so they are not
+    offered as config fields.
+    """
     factory = self.get(name)
     check_kwargs(factory, kwargs, field or self.field.rsplit(".", 1)[0],
-                 what=f"{self.kind} {name!r}")
+                 what=f"{self.kind} {name!r}", skip=("rngs", "config", *extra))
     return factory(**kwargs, **extra)
 
 
 def check_kwargs(factory: Callable, kwargs: dict[str, Any], field: str,
                  what: str, skip: tuple[str, ...] = ("rngs",)) -> None:
   """Raises ConfigError naming config fields that `factory` does not accept."""
-  target = factory.__init__ if inspect.isclass(factory) else factory
-  params = dict(inspect.signature(target).parameters)
-  params.pop("self", None)
-  if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+  params = _parameters(factory)
+  if params is None:
     return
   accepted = [n for n, p in params.items()
               if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in skip]
@@ -64,3 +66,21 @@ def check_kwargs(factory: Callable, kwargs: dict[str, Any], field: str,
     raise ConfigError(
         f"{field}.{unknown[0]} is not a field of {what}; "
         f"valid fields: {', '.join(accepted)}")
+
+
+def _parameters(factory: Callable) -> dict[str, inspect.Parameter] | None:
+  """Keyword parameters of a function or class; a subclass's **kwargs adds its
+  parents' (None when they stay open-ended)."""
+  if not inspect.isclass(factory):
+    params = dict(inspect.signature(factory).parameters)
+    return None if any(p.kind == p.VAR_KEYWORD for p in params.values()) else params
+  params = {}
+  for cls in factory.__mro__:
+    if "__init__" not in vars(cls):
+      continue
+    own = dict(inspect.signature(vars(cls)["__init__"]).parameters)
+    own.pop("self", None)
+    params.update({k: v for k, v in own.items() if k not in params})
+    if not any(p.kind == p.VAR_KEYWORD for p in own.values()):
+      return {k: v for k, v in params.items() if v.kind != v.VAR_KEYWORD}
+  return None

@@ -8,6 +8,7 @@ command again resumes from the newest good checkpoint.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import signal
@@ -39,17 +40,24 @@ class NonFiniteLossError(FloatingPointError):
 # Building the pieces
 # ----------------------------------------------------------------------------
 
-def build_objective(config, seed: int):
-  """The objective named by config.objective (it builds its own models)."""
+def build_objective(config, seed: int, total_steps: int | None = None):
+  """The objective named by config.objective (it builds its own models).
+
+  Objectives with schedules of their own (a teacher's momentum) take
+  `total_steps`; the others don't see it.
+  """
   kwargs = dict(config.objective)
   name = kwargs.pop("name")
+  extra = {}
+  if "total_steps" in inspect.signature(OBJECTIVES.get(name).__init__).parameters:
+    extra["total_steps"] = total_steps or resolve_steps(config, 1)
   return OBJECTIVES.build(name, kwargs, field="config.objective", config=config,
-                          rngs=nnx.Rngs(seed))
+                          rngs=nnx.Rngs(seed), **extra)
 
 
 def _split(objective):
   """graphdef, trainable params, and everything else (objective state)."""
-  return nnx.split(objective, nnx.Param, ...)
+  return nnx.split(objective, objective.trainable, ...)
 
 
 def resolve_steps(config, steps_per_epoch: int) -> int:
@@ -73,8 +81,10 @@ def build_evaluators(config, mesh) -> dict[str, Any]:
     # unless the evaluator names its own source.
     data_config = dict(config.input) if ev.get("source", config.input.source) == \
         config.input.source else {}
+    # Text is tokenized the same way everywhere (the text tower's vocabulary).
     data_config.update({"split": "test", "batch_size": config.input.batch_size,
-                        "transforms": [{"name": "normalize"}], "num_workers": 0})
+                        "transforms": [{"name": "normalize"}], "num_workers": 0,
+                        "tokenizer": dict(config.input.tokenizer)})
     factory = EVALUATORS.get(kind)
     own = {k: v for k, v in ev.items() if k not in data.pipeline.PIPELINE_FIELDS
            and k not in data_config}
@@ -99,7 +109,8 @@ class Trainer:
     # logical axis names, then create the real state directly sharded.
     self.flax_rules = sharding.flax_rules(mesh, self.rules)
     with nnx.use_eager_sharding(False), nnx.logical_axis_rules(self.flax_rules):
-      abstract = nnx.eval_shape(lambda: build_objective(config, config.seed))
+      abstract = nnx.eval_shape(
+          lambda: build_objective(config, config.seed, self.total_steps))
     self.graphdef, abs_params, abs_other = _split(abstract)
     self.tx, self.lr_fn = optim.build(config.optim, abs_params, self.total_steps,
                                       steps_per_epoch)
@@ -130,7 +141,7 @@ class Trainer:
 
   def _init_state(self):
     with nnx.use_eager_sharding(False), nnx.logical_axis_rules(self.flax_rules):
-      objective = build_objective(self.config, self.config.seed)
+      objective = build_objective(self.config, self.config.seed, self.total_steps)
     _, params, other = _split(objective)
     state = {
         "step": jnp.zeros((), jnp.int32),
@@ -144,7 +155,9 @@ class Trainer:
 
   def _loss_and_grads(self, params, other, batch, rng):
     def loss_fn(params, other):
-      objective = nnx.merge(self.graphdef, params, other)
+      # copy=True: fresh Variables at this trace level, so the objective may
+      # update its state (a DINO centre) inside the differentiated function.
+      objective = nnx.merge(self.graphdef, params, other, copy=True)
       loss, metrics = objective.loss(batch, rng=rng, train=True)
       _, _, other = _split(objective)
       return loss, (metrics, other)

@@ -52,3 +52,31 @@ def pets_segmentation(size: int, *, batch_size: int = 32, epochs: float = 100.0)
                                           {"name": "resize", "size": size},
                                           {"name": "normalize"}]}}
   return config
+
+
+COCO_DIR = "../shared/data/coco_mini.tar"
+CIFAR10_EVAL_TRANSFORMS = [{"name": "decode", "channels": 3}, {"name": "normalize"}]
+
+
+def representation_evals(transforms, *, train_examples: int | None = 10000,
+                         batch_size: int = 500, linear_probe: bool = True) -> dict:
+  """kNN (and a linear probe) on frozen features: train split -> test split."""
+  evals = {"knn": {"name": "knn", "split": "test", "batch_size": batch_size,
+                   "transforms": transforms, "max_train_examples": train_examples}}
+  if linear_probe:
+    evals["linear_probe"] = {"name": "linear_probe", "split": "test", "batch_size": batch_size,
+                             "transforms": transforms, "max_train_examples": train_examples}
+  return evals
+
+
+def pretraining_smoke(config, *, transforms, eval_transforms, steps: int = 4):
+  """The `:smoke` setting of the pre-training configs: digits (bundled, 8x8
+  grayscale, with class names), a tiny ViT with patch 2, kNN eval."""
+  configuration.smoke(config, steps=steps, batch_size=16, patch_size=2, image_size=8,
+                      channels=1)
+  config.input.source = "digits"
+  config.input.data_dir = None
+  config.input.transforms = transforms
+  config.evals = representation_evals(eval_transforms, train_examples=None, batch_size=120,
+                                      linear_probe=False)
+  return config

@@ -10,32 +10,46 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
+from big_vision_like import train
 from big_vision_like.models import convert_hf, perceiver, swin, vit
+from big_vision_like.objectives import masked
 from big_vision_like.registry import ConfigError
+from tests import helpers
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
-def load_fixture(name):
+def load_arrays(name):
+  """(HF config, state dict, inputs, outputs) of a fixture."""
   with np.load(os.path.join(FIXTURES, f"hf_{name}.npz")) as f:
     arrays = dict(f)
   config = json.loads(arrays.pop("config_json").tobytes())
-  params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
-  outputs = {k[len("output/"):]: v for k, v in arrays.items() if k.startswith("output/")}
-  return config, params, arrays["input/pixel_values_nhwc"], outputs
+  part = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+  return config, part("param/"), part("input/"), part("output/")
 
 
-def legacy_names(state_dict):
-  """The same weights under transformers-4 names (as most published checkpoints have)."""
+def load_fixture(name):
+  config, params, inputs, outputs = load_arrays(name)
+  return config, params, inputs["pixel_values_nhwc"], outputs
+
+
+def legacy_names(state_dict, mlp=True):
+  """The same weights under transformers-4 names (as most published checkpoints have).
+
+  DINOv2's MLP kept its names (`mlp=False`).
+  """
+  renames = [(".attention.q_proj", ".attention.attention.query"),
+             (".attention.k_proj", ".attention.attention.key"),
+             (".attention.v_proj", ".attention.attention.value"),
+             (".attention.o_proj", ".attention.output.dense")]
+  if mlp:
+    renames += [(".mlp.fc1", ".intermediate.dense"), (".mlp.fc2", ".output.dense")]
   out = {}
   for key, value in state_dict.items():
-    for new, old in ((".attention.q_proj", ".attention.attention.query"),
-                     (".attention.k_proj", ".attention.attention.key"),
-                     (".attention.v_proj", ".attention.attention.value"),
-                     (".attention.o_proj", ".attention.output.dense"),
-                     (".mlp.fc1", ".intermediate.dense"), (".mlp.fc2", ".output.dense")):
+    for new, old in renames:
       key = key.replace(new, old)
     out[key.replace("vit.layers.", "vit.encoder.layer.")] = value
   return out
@@ -115,6 +129,94 @@ class PerceiverParityTest(parameterized.TestCase):
     logits, aux = model(jax.numpy.asarray(images))
     np.testing.assert_allclose(aux["latents"], expected["latents"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(logits, expected["logits"], atol=1e-5, rtol=0)
+
+
+def build_objective(model, objective, text_len=None):
+  """Our objective from a converter's config fields, on the tiny default config.
+
+  Image-text objectives get the bytes tokenizer (vocab 259) at the fixture's length.
+  """
+  config = helpers.tiny_config()
+  config.model = model
+  config.objective = objective
+  if text_len:
+    config.input.transforms = [{"name": "tokenize"}]
+    config.input.tokenizer.max_len = text_len
+  with nnx.use_eager_sharding(False):
+    return train.build_objective(config, seed=0)
+
+
+class ImageTextParityTest(parameterized.TestCase):
+  """Our clip / siglip objectives embed and score pairs as HF CLIPModel / SiglipModel."""
+
+  def check(self, name, load, logits_fn):
+    config, state_dict, inputs, expected = load_arrays(name)
+    model, objective, params = load(state_dict, config)
+    obj = build_objective(model, objective, config["text_config"]["max_position_embeddings"])
+    convert_hf.assign(obj, params, where=f"HF {name}")
+    image = obj.embed_image(jnp.asarray(inputs["pixel_values_nhwc"]))
+    text = obj.embed_text(jnp.asarray(inputs["input_ids"]))
+    np.testing.assert_allclose(image, expected["image_embeds"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(text, expected["text_embeds"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(logits_fn(obj, image, text), expected["logits_per_image"],
+                               atol=1e-5, rtol=0)
+    loss, _ = obj.pair_loss(image, text)
+    np.testing.assert_allclose(loss, expected["loss"], atol=1e-5, rtol=0)
+
+  def test_matches_hf_clip(self):
+    self.check("clip", convert_hf.load_hf_clip,
+               lambda obj, image, text: jnp.exp(obj.log_scale[...]) * image @ text.T)
+
+  def test_matches_hf_siglip(self):
+    self.check("siglip", convert_hf.load_hf_siglip,
+               lambda obj, image, text: jnp.exp(obj.log_t[...]) * image @ text.T + obj.bias[...])
+
+
+class Dinov2ParityTest(parameterized.TestCase):
+
+  @parameterized.parameters(False, True)
+  def test_matches_hf_dinov2(self, legacy):
+    config, state_dict, inputs, expected = load_arrays("dinov2")
+    if legacy:
+      state_dict = legacy_names(state_dict, mlp=False)
+    kwargs, params = convert_hf.load_hf_dinov2(state_dict, config)
+    with nnx.use_eager_sharding(False):
+      model = vit.ViT(**kwargs, rngs=nnx.Rngs(0))
+    convert_hf.assign(model, params, where="HF dinov2")
+    images = jnp.asarray(inputs["pixel_values_nhwc"])
+    tokens = lambda aux: np.concatenate([np.asarray(aux["pre_logits"])[:, None], aux["tokens"]], 1)
+    _, aux = model(images)
+    np.testing.assert_allclose(tokens(aux), expected["last_hidden_state"], atol=1e-5, rtol=0)
+    # bool_masked_pos: the mask token replaces patch embeddings before the positions
+    _, aux = model(images, token_mask=jnp.asarray(inputs["bool_masked_pos"]),
+                   mask_token=jnp.asarray(state_dict["embeddings.mask_token"][0]))
+    np.testing.assert_allclose(tokens(aux), expected["masked_last_hidden_state"], atol=1e-5,
+                               rtol=0)
+
+
+class MaeParityTest(parameterized.TestCase):
+  """Same noise, same mask: our mae predicts HF ViTMAEForPreTraining's patches and loss."""
+
+  @parameterized.product(name=["mae_a", "mae_b"], legacy=[False, True])
+  def test_matches_hf_mae(self, name, legacy):
+    config, state_dict, inputs, expected = load_arrays(name)
+    if legacy:
+      state_dict = legacy_names(state_dict)
+    model, objective, params = convert_hf.load_hf_mae(state_dict, config)
+    obj = build_objective(model, objective)
+    convert_hf.assign(obj, params, where=f"HF {name}")
+    images = jnp.asarray(inputs["pixel_values_nhwc"])
+    pred, mask = obj.predict(images, jax.random.key(0), noise=jnp.asarray(inputs["noise"]))
+    np.testing.assert_array_equal(mask, expected["mask"])
+    np.testing.assert_allclose(pred, expected["logits"], atol=1e-5, rtol=0)
+    loss = masked.masked_mse(pred, masked.pixel_targets(images, obj.patch, obj.norm_pix), mask)
+    np.testing.assert_allclose(loss, expected["loss"], atol=1e-5, rtol=0)
+
+  def test_decoder_class_position_must_be_zero(self):
+    config, state_dict, _, _ = load_arrays("mae_a")
+    state_dict["decoder.decoder_pos_embed"] = state_dict["decoder.decoder_pos_embed"] + 0.1
+    with self.assertRaisesRegex(ConfigError, "non-zero class-token position"):
+      convert_hf.load_hf_mae(state_dict, config)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,15 @@ from absl import flags
 import numpy as np
 
 from big_vision_like.data.sources import SOURCES
+from big_vision_like.data.tokenizers import build_tokenizer
 from big_vision_like.data.transforms import Preprocess
 from big_vision_like.registry import ConfigError, check_kwargs
 
 # Fields of config.input (and of an evaluator's data config) that the pipeline
 # itself uses; every other field is an argument of the chosen source.
 PIPELINE_FIELDS = ("source", "data_dir", "split", "batch_size", "transforms",
-                   "num_workers", "worker_buffer_size", "prefetch_threads")
+                   "num_workers", "worker_buffer_size", "prefetch_threads",
+                   "tokenizer")
 
 
 def build_source(data: Any, field: str):
@@ -51,6 +53,17 @@ def build_source(data: Any, field: str):
     raise ConfigError(f"{field} (source {name!r}, data_dir={data_dir!r}): {e}") from None
 
 
+def preprocess(data: Any, source, field: str) -> Preprocess:
+  """The transforms of `data`, with their context: the tokenizer and class names."""
+  spec = data.get("tokenizer")
+  tokenizer = None
+  if spec and dict(spec).get("name"):
+    tokenizer = build_tokenizer(spec, f"{field}.tokenizer")
+  context = {"tokenizer": tokenizer,
+             "classes": tuple(getattr(source, "classes", None) or ())}
+  return Preprocess(data.get("transforms"), f"{field}.transforms", context)
+
+
 def local_batch_size(global_batch: int, field: str) -> int:
   n = jax.process_count()
   if global_batch % jax.device_count():
@@ -68,7 +81,7 @@ def train_dataset(data: Any, source, seed: int, field: str = "config.input"):
     raise ConfigError(f"{field}.batch_size={data.batch_size} is larger than the "
                       f"{len(ds)} training examples of this process")
   ds = ds.seed(seed).shuffle().repeat()
-  ds = ds.random_map(Preprocess(data.get("transforms"), f"{field}.transforms"))
+  ds = ds.random_map(preprocess(data, source, field))
   return ds.batch(batch, drop_remainder=True)
 
 
@@ -111,6 +124,6 @@ def eval_batches(data: Any, source, field: str) -> Iterator[dict]:
   per_process = -(-len(source) // jax.process_count())
   padded = -(-per_process // batch) * batch
   ds = grain.MapDataset.source(_Padded(shard, padded)).seed(0)
-  ds = ds.random_map(Preprocess(data.get("transforms"), f"{field}.transforms"))
+  ds = ds.random_map(preprocess(data, source, field))
   ds = ds.batch(batch, drop_remainder=True)
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2)))

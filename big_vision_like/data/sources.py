@@ -1,13 +1,16 @@
 """Random-access data sources: `len(source)` and `source[i] -> {'image', 'label'}`.
 
 'image' is a uint8 [H, W, C] array or encoded bytes (decoded by the 'decode'
-transform); 'label' an int. Sources are picklable so grain worker processes
-can use them. Each one reads a public layout as it is distributed.
+transform); 'label' an int. Image-text sources give 'text' (a list of
+captions) instead of 'label'. Sources with named labels have `classes`.
+Sources are picklable so grain worker processes can use them. Each one reads
+a public layout as it is distributed.
 """
 from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import struct
 import tarfile
@@ -28,6 +31,7 @@ class DigitsSource:
   Fixed split: a seeded permutation, 80% train (1,437) / 20% test (360).
   """
   num_classes = 10
+  classes = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
   def __init__(self, split: str, data_dir: str | None = None):
     del data_dir  # bundled with scikit-learn
@@ -70,11 +74,15 @@ def _read_idx(path: str) -> np.ndarray:
 
 @SOURCES.register("idx")
 class IdxSource:
-  """MNIST-style IDX files: `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`."""
+  """MNIST-style IDX files: `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`.
+
+  The files hold no label names; `classes` (e.g. Fashion-MNIST's 'T-shirt/top',
+  'Trouser', ...) names them for captions and zero-shot evaluation.
+  """
 
   PREFIX = {"train": "train", "test": "t10k"}
 
-  def __init__(self, split: str, data_dir: str):
+  def __init__(self, split: str, data_dir: str, classes: tuple = ()):
     if split not in self.PREFIX:
       raise ConfigError(f"split={split!r} is not an IDX split; valid: train, test")
     images = self._find(data_dir, f"{self.PREFIX[split]}-images-idx3-ubyte")
@@ -85,6 +93,10 @@ class IdxSource:
       raise ConfigError(f"{images} has {len(self.images)} images but {labels} "
                         f"has {len(self.labels)} labels")
     self.num_classes = int(self.labels.max()) + 1
+    self.classes = tuple(str(c) for c in (classes or ()))
+    if self.classes and len(self.classes) < self.num_classes:
+      raise ConfigError(f"classes has {len(self.classes)} names but {labels} has "
+                        f"labels up to {self.num_classes - 1}")
 
   @staticmethod
   def _find(data_dir: str, stem: str) -> str:
@@ -231,12 +243,73 @@ class OxfordPetsSource:
             "label": np.int32(label)}
 
 
+@SOURCES.register("coco_captions")
+class CocoCaptionsSource:
+  """COCO 2017 captions: `annotations/captions_{split}2017.json` + `{split}2017/<file>`.
+
+  `data_dir` is a directory or a tar; the COCO root may sit at any depth in
+  it. Splits 'train' and 'val'; 'test' reads 'val' too (COCO's test images
+  have no public captions, and evaluators default to split 'test').
+  Elements: {'image': jpeg bytes, 'text': the first `captions_per_image`
+  captions (repeated cyclically when an image has fewer), 'image_id': int32},
+  sorted by image id. Images without any caption are left out.
+  """
+  SPLITS = {"train": "train", "val": "val", "test": "val"}
+
+  def __init__(self, split: str, data_dir: str, captions_per_image: int = 5):
+    if split not in self.SPLITS:
+      raise ConfigError(f"split={split!r} is not a COCO split; valid: train, val, test (= val)")
+    if int(captions_per_image) < 1:
+      raise ConfigError(f"captions_per_image={captions_per_image} must be >= 1")
+    coco_split = self.SPLITS[split]
+    annotation = f"annotations/captions_{coco_split}2017.json"
+    folder = f"{coco_split}2017/"
+    self.files = FileTree(data_dir, keep=lambda n: n.endswith(annotation) or (
+        "/" + folder in "/" + n and n.lower().endswith(IMAGE_EXTENSIONS)))
+    found = [n for n in self.files.names if n == annotation or n.endswith("/" + annotation)]
+    if not found:
+      raise ConfigError(f"no {annotation} in {data_dir}")
+    root = found[0][:-len(annotation)]
+    try:
+      info = json.loads(self.files.read(found[0]))
+    except ValueError as e:
+      raise ConfigError(f"{data_dir}: {found[0]} is not valid JSON: {e}") from None
+    self.items = self._items(info, root + folder, int(captions_per_image), data_dir)
+    if not self.items:
+      raise ConfigError(f"{data_dir}: {found[0]} lists no captioned images")
+
+  def _items(self, info: dict, folder: str, per_image: int, data_dir: str):
+    """(image path, captions, image id) of every captioned image, by image id."""
+    captions: dict[int, list[str]] = {}
+    for ann in info.get("annotations", []):
+      captions.setdefault(int(ann["image_id"]), []).append(str(ann["caption"]).strip())
+    present = set(self.files.names)
+    items = []
+    for image in sorted(info.get("images", []), key=lambda im: int(im["id"])):
+      texts = captions.get(int(image["id"]))
+      if not texts:
+        continue
+      path = folder + image["file_name"]
+      if path not in present:
+        raise ConfigError(f"{data_dir}: {path} is listed in the captions but missing")
+      texts = [texts[i % len(texts)] for i in range(per_image)]
+      items.append((path, texts, int(image["id"])))
+    return items
+
+  def __len__(self):
+    return len(self.items)
+
+  def __getitem__(self, i):
+    path, texts, image_id = self.items[i]
+    return {"image": self.files.read(path), "text": list(texts),
+            "image_id": np.int32(image_id)}
+
+
 @SOURCES.register("array_record")
 class ArrayRecordSource:
   """`<data_dir>/<split>.array_record` written by `python -m big_vision_like.data.convert`."""
 
   def __init__(self, split: str, data_dir: str):
-    import json  # pylint: disable=g-import-not-at-top
     import grain  # pylint: disable=g-import-not-at-top
     path = os.path.join(data_dir, f"{split}.array_record")
     if not os.path.exists(path):

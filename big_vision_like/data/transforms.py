@@ -5,21 +5,30 @@ PIL). Geometric transforms apply the same operation to 'image' and, when
 present, 'mask' (segmentation), so image and labels stay aligned. Random
 transforms draw from the numpy Generator grain seeds per element and epoch,
 which makes the pipeline deterministic and resumable.
+
+A transform parameter named like a CONTEXT_KEYS entry ('tokenizer',
+'classes') is filled in by the pipeline from the data config and the source,
+never from the transform's spec.
 """
 from __future__ import annotations
 
+import inspect
 import io
 import math
 from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter
 
+from big_vision_like.data.prompts import DEFAULT_TEMPLATES, class_prompt
 from big_vision_like.registry import ConfigError, Registry, check_kwargs
 
 TRANSFORMS = Registry("transform", "transforms[].name")
 GEOMETRIC_KEYS = ("image", "mask")
+# Transform parameters the pipeline fills in, and where their values come from.
+CONTEXT_KEYS = {"tokenizer": "the data config's 'tokenizer' field",
+                "classes": "the data source's class names"}
 
 
 def _geometric(element: dict, fn: Callable[[np.ndarray, bool], np.ndarray]) -> dict:
@@ -166,10 +175,196 @@ def normalize(element, rng, mean: Sequence[float] | None = None,
   return {**element, "image": image}
 
 
-class Preprocess(grain.transforms.RandomMap):
-  """A list of transform specs as one grain random map (picklable for workers)."""
+def _uint8_image(element: dict, what: str) -> np.ndarray:
+  image = element["image"]
+  if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3:
+    raise ValueError(f"{what} needs a decoded uint8 [H, W, C] image; put 'decode' "
+                     f"before it (got {type(image).__name__} {getattr(image, 'dtype', '')})")
+  return image
 
-  def __init__(self, specs: Sequence[Any], field: str):
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+  return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def _from_pil(pil: Image.Image) -> np.ndarray:
+  out = np.asarray(pil)
+  return out[..., None] if out.ndim == 2 else out
+
+
+def _factor(rng: np.random.Generator, strength: float) -> float:
+  return float(rng.uniform(max(0.0, 1.0 - strength), 1.0 + strength))
+
+
+def _shift_hue(pil: Image.Image, shift: float) -> Image.Image:
+  """Rotates the hue by `shift` of a full turn (torchvision's adjust_hue)."""
+  h, s, v = pil.convert("HSV").split()
+  h = (np.asarray(h, np.int32) + round(shift * 255)) % 256
+  return Image.merge("HSV", (Image.fromarray(h.astype(np.uint8)), s, v)).convert("RGB")
+
+
+@TRANSFORMS.register("color_jitter")
+def color_jitter(element, rng, brightness: float = 0.4, contrast: float = 0.4,
+                 saturation: float = 0.2, hue: float = 0.1, p: float = 0.8):
+  """With probability p, torchvision-style ColorJitter: the four adjustments in
+  random order; factors uniform in [1 - x, 1 + x], hue shifted by [-hue, hue]."""
+  if rng.random() >= p:
+    return element
+  pil = _to_pil(_uint8_image(element, "color_jitter"))
+  for op in rng.permutation(4):
+    if op == 0 and brightness:
+      pil = ImageEnhance.Brightness(pil).enhance(_factor(rng, brightness))
+    elif op == 1 and contrast:
+      pil = ImageEnhance.Contrast(pil).enhance(_factor(rng, contrast))
+    elif op == 2 and saturation and pil.mode == "RGB":
+      pil = ImageEnhance.Color(pil).enhance(_factor(rng, saturation))
+    elif op == 3 and hue and pil.mode == "RGB":
+      pil = _shift_hue(pil, rng.uniform(-hue, hue))
+  return {**element, "image": _from_pil(pil)}
+
+
+@TRANSFORMS.register("grayscale")
+def grayscale(element, rng, p: float = 0.2):
+  """With probability p, grey levels in every channel (the channel count is kept)."""
+  if rng.random() >= p:
+    return element
+  image = _uint8_image(element, "grayscale")
+  grey = np.asarray(_to_pil(image).convert("L"))[..., None]
+  return {**element, "image": np.repeat(grey, image.shape[-1], axis=-1)}
+
+
+@TRANSFORMS.register("gaussian_blur")
+def gaussian_blur(element, rng, p: float = 0.5, sigma: Sequence[float] = (0.1, 2.0)):
+  """With probability p, a Gaussian blur of standard deviation uniform in `sigma`."""
+  if rng.random() >= p:
+    return element
+  low, high = (sigma, sigma) if np.isscalar(sigma) else sigma
+  radius = float(rng.uniform(low, high))
+  pil = _to_pil(_uint8_image(element, "gaussian_blur"))
+  return {**element, "image": _from_pil(pil.filter(ImageFilter.GaussianBlur(radius)))}
+
+
+@TRANSFORMS.register("solarize")
+def solarize(element, rng, p: float = 0.2, threshold: int = 128):
+  """With probability p, inverts the pixels >= threshold."""
+  if rng.random() >= p:
+    return element
+  image = _uint8_image(element, "solarize")
+  return {**element, "image": np.where(image >= threshold, 255 - image, image)}
+
+
+def _dino_view(image, rng, size, scale, blur_p, solarize_p, mean, std) -> np.ndarray:
+  """One augmented multi-crop view, normalised to float32."""
+  view = random_resized_crop({"image": image}, rng, size, scale=scale, method="bicubic")
+  view = flip_lr(view, rng)
+  view = color_jitter(view, rng, p=0.8)
+  view = grayscale(view, rng, p=0.2)
+  view = gaussian_blur(view, rng, p=blur_p)
+  view = solarize(view, rng, p=solarize_p)
+  return normalize(view, None, mean=mean, std=std)["image"]
+
+
+@TRANSFORMS.register("multi_crop")
+def multi_crop(element, rng, global_size, local_size, num_local: int = 6,
+               global_scale: Sequence[float] = (0.4, 1.0),
+               local_scale: Sequence[float] = (0.05, 0.4),
+               mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+  """DINO multi-crop: 2 global and `num_local` local views of one decoded image.
+
+  'image' becomes float32 [2, global, global, C]; 'local_crops' float32
+  [num_local, local, local, C] (absent when num_local is 0). Global view 1 is
+  always blurred, view 2 rarely (p=0.1) and sometimes solarised (p=0.2);
+  local views are blurred with p=0.5. Any 'mask' is dropped.
+  """
+  if int(num_local) < 0:
+    raise ConfigError(f"multi_crop num_local={num_local} must be >= 0")
+  image = _uint8_image(element, "multi_crop")
+  views = [_dino_view(image, rng, global_size, global_scale, 1.0, 0.0, mean, std),
+           _dino_view(image, rng, global_size, global_scale, 0.1, 0.2, mean, std)]
+  local = [_dino_view(image, rng, local_size, local_scale, 0.5, 0.0, mean, std)
+           for _ in range(int(num_local))]
+  out = {k: v for k, v in element.items() if k not in ("mask", "local_crops")}
+  out["image"] = np.stack(views)
+  if local:
+    out["local_crops"] = np.stack(local)
+  return out
+
+
+@TRANSFORMS.register("class_caption")
+def class_caption(element, rng, classes, templates: Sequence[str] = DEFAULT_TEMPLATES):
+  """element['text'] = a random prompt template filled with the label's class name."""
+  if not classes:
+    raise ConfigError("class_caption needs class names: the data source has none "
+                      "(image_folder and array_record have them; idx takes classes=(...))")
+  if not templates:
+    raise ConfigError("class_caption templates is empty")
+  label = int(element["label"])
+  if not 0 <= label < len(classes):
+    raise ValueError(f"class_caption: label {label} has no name among {len(classes)} classes")
+  template = templates[int(rng.integers(len(templates)))]
+  return {**element, "text": class_prompt(template, classes[label])}
+
+
+@TRANSFORMS.register("tokenize")
+def tokenize(element, rng, tokenizer, key: str = "text", all_captions: bool = False):
+  """element[key] (a str or a list of captions) -> int32 element['text'].
+
+  A list gives one caption drawn at random, or with all_captions every one of
+  them as [n, max_len] (for retrieval evaluation). The raw text is removed.
+  """
+  if tokenizer is None:
+    raise ConfigError("tokenize needs a tokenizer: set the data config's 'tokenizer' "
+                      "field, e.g. {'name': 'bytes', 'max_len': 32}")
+  if key not in element:
+    raise ValueError(f"tokenize: the element has no {key!r} field "
+                     f"(it has {', '.join(sorted(element))})")
+  text = element[key]
+  captions = [text] if isinstance(text, str) else [str(t) for t in text]
+  if not captions:
+    raise ValueError(f"tokenize: element[{key!r}] holds no caption")
+  if all_captions:
+    tokens = tokenizer.encode_batch(captions)
+  else:
+    pick = int(rng.integers(len(captions))) if len(captions) > 1 else 0
+    tokens = tokenizer.encode(captions[pick])
+  out = {k: v for k, v in element.items() if k != key}
+  out["text"] = tokens
+  return out
+
+
+def _is_text(value) -> bool:
+  """Python strings or lists of them: raw text that cannot go into a batch."""
+  if isinstance(value, str):
+    return True
+  return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+
+def _has_value(value) -> bool:
+  return value is not None and (not isinstance(value, (tuple, list)) or len(value) > 0)
+
+
+def _context_params(fn: Callable) -> tuple[str, ...]:
+  return tuple(n for n in inspect.signature(fn).parameters if n in CONTEXT_KEYS)
+
+
+def _missing_context(key: str, data_field: str) -> str:
+  if key == "tokenizer":
+    return (f"a tokenizer: set {data_field}.tokenizer, e.g. "
+            "{'name': 'bytes', 'max_len': 32}")
+  return ("class names, but the data source has none (image_folder and "
+          "array_record have them; idx takes classes=(...))")
+
+
+class Preprocess(grain.transforms.RandomMap):
+  """A list of transform specs as one grain random map (picklable for workers).
+
+  `context` ({'tokenizer': Tokenizer, 'classes': names}) feeds transforms that
+  take a parameter of that name; when it is given, a transform whose context
+  value is missing is rejected here rather than on the first element.
+  """
+
+  def __init__(self, specs: Sequence[Any], field: str, context: dict | None = None):
+    data_field = field.rsplit(".", 1)[0]
     self.steps = []
     for i, spec in enumerate(specs or ()):
       spec = dict(spec)
@@ -180,12 +375,25 @@ class Preprocess(grain.transforms.RandomMap):
       if name not in TRANSFORMS:
         raise ConfigError(f"{field}[{i}].name={name!r} is not a known transform; "
                           f"valid names: {', '.join(TRANSFORMS.names())}")
-      check_kwargs(TRANSFORMS.get(name), spec, f"{field}[{i}]",
-                   what=f"transform {name!r}", skip=("element", "rng"))
+      for key in CONTEXT_KEYS:
+        if key in spec:
+          raise ConfigError(f"{field}[{i}].{key} cannot be set in a transform: it "
+                            f"comes from {CONTEXT_KEYS[key]}")
+      fn = TRANSFORMS.get(name)
+      check_kwargs(fn, spec, f"{field}[{i}]", what=f"transform {name!r}",
+                   skip=("element", "rng", *CONTEXT_KEYS))
+      for key in _context_params(fn):
+        if context is not None and not _has_value(context.get(key)):
+          raise ConfigError(f"{field}[{i}]: transform {name!r} needs "
+                            f"{_missing_context(key, data_field)}")
+        spec[key] = (context or {}).get(key)
       self.steps.append((name, spec))
 
   def random_map(self, element, rng: np.random.Generator):
     for name, kwargs in self.steps:
       element = TRANSFORMS.get(name)(element, rng, **kwargs)
-    element["label"] = np.int32(element["label"])
+    element = {k: v for k, v in element.items() if not _is_text(v)}
+    if "label" in element:
+      element["label"] = np.int32(element["label"])
     return element
+

@@ -5,7 +5,10 @@
 (`encoder.layer.N.attention.attention.query`) or 5 naming
 (`layers.N.attention.q_proj`) and a config dict, and returns (our model
 kwargs, our parameters as a pure dict). `assign(model, params)` puts them into a
-model, naming the first parameter whose shape disagrees.
+model, naming the first parameter whose shape disagrees. `load_hf_dinov2`
+works the same way; `load_hf_clip`, `load_hf_siglip` and `load_hf_mae` return
+the config.model and config.objective that build the matching objective, and
+the parameters of the whole objective.
 
 Layout facts handled here: torch Linear weights are [out, in] (ours [in, out]);
 the patch conv [D, C, p, p] becomes our patchify matmul [(p, p, C), D]; HF adds a
@@ -91,19 +94,24 @@ def load_hf_vit(state_dict: dict[str, Any], hf_config: dict[str, Any]):
       "blocks": {},
   }
   for i in range(depth):
-    p = f"layers.{i}"
-    params["blocks"][i] = {
-        "norm1": _norm(sd, f"{p}.layernorm_before"),
-        "norm2": _norm(sd, f"{p}.layernorm_after"),
-        "attn": {"query": _linear(sd, f"{p}.attention.q_proj"),
-                 "key": _linear(sd, f"{p}.attention.k_proj"),
-                 "value": _linear(sd, f"{p}.attention.v_proj"),
-                 "out": _linear(sd, f"{p}.attention.o_proj")},
-        "mlp": {"fc1": _linear(sd, f"{p}.mlp.fc1"), "fc2": _linear(sd, f"{p}.mlp.fc2")},
-    }
+    params["blocks"][i] = _vit_block(sd, f"layers.{i}")
   if num_classes:
     params["head"] = _linear(sd, "classifier")
   return kwargs, params
+
+
+def _vit_block(sd, p, norms=("layernorm_before", "layernorm_after"), attn="attention",
+               attn_out="o_proj"):
+  """One HF pre-norm block (ViT naming by default) as our `vit.Block`."""
+  return {
+      "norm1": _norm(sd, f"{p}.{norms[0]}"),
+      "norm2": _norm(sd, f"{p}.{norms[1]}"),
+      "attn": {"query": _linear(sd, f"{p}.{attn}.q_proj"),
+               "key": _linear(sd, f"{p}.{attn}.k_proj"),
+               "value": _linear(sd, f"{p}.{attn}.v_proj"),
+               "out": _linear(sd, f"{p}.{attn}.{attn_out}")},
+      "mlp": {"fc1": _linear(sd, f"{p}.mlp.fc1"), "fc2": _linear(sd, f"{p}.mlp.fc2")},
+  }
 
 
 def assign(model: nnx.Module, params: dict[str, Any], where: str = "checkpoint") -> None:
@@ -250,3 +258,251 @@ def load_hf_perceiver(state_dict: dict[str, Any], hf_config: dict[str, Any]):
     kwargs.update(preprocessor="pixels", posemb="fourier", num_bands=64,
                   max_resolution=(224, 224))
   return kwargs, params
+
+
+# -- Pre-training models: CLIP, SigLIP, DINOv2, MAE ---------------------------
+#
+# The image-text and MAE converters return (config.model, config.objective,
+# parameters of the whole objective); DINOv2 returns (ViT kwargs, parameters)
+# like load_hf_vit. Put the parameters in with `assign`.
+
+# HF hidden_act -> our activation name (both tanh forms are the same function)
+_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu",
+                "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+
+# transformers 4 block names -> 5, for DINOv2 and the MAE encoder and decoder
+_LEGACY_BLOCK = [
+    (r"\.attention\.attention\.query\.", ".attention.q_proj."),
+    (r"\.attention\.attention\.key\.", ".attention.k_proj."),
+    (r"\.attention\.attention\.value\.", ".attention.v_proj."),
+    (r"\.attention\.output\.dense\.", ".attention.o_proj."),
+    (r"\.intermediate\.dense\.", ".mlp.fc1."),
+    (r"\.output\.dense\.", ".mlp.fc2."),
+    (r"^vit\.encoder\.layer\.", "vit.layers."),
+]
+
+
+def _rename(state_dict, rules=(), strip=""):
+  out = {}
+  for key, value in state_dict.items():
+    key = key[len(strip):] if strip and key.startswith(strip) else key
+    for pattern, replacement in rules:
+      key = re.sub(pattern, replacement, key)
+    out[key] = np.asarray(value, np.float32)
+  return out
+
+
+def _activation(hf_config, what):
+  act = hf_config.get("hidden_act", "gelu")
+  if act not in _ACTIVATIONS:
+    raise ConfigError(f"HF {what} hidden_act={act!r}: only {', '.join(_ACTIVATIONS)} map")
+  return _ACTIVATIONS[act]
+
+
+def _patch(sd, name, patch, channels):
+  """The patch conv [D, C, p, p] as our patchify matmul [(p, p, C), D], bias if any."""
+  conv = sd[f"{name}.weight"]
+  out = {"kernel": conv.transpose(2, 3, 1, 0).reshape(patch * patch * channels, conv.shape[0])}
+  if f"{name}.bias" in sd:
+    out["bias"] = sd[f"{name}.bias"]
+  return out
+
+
+def _arch(c):
+  return dict(width=c["hidden_size"], depth=c["num_hidden_layers"],
+              num_heads=c["num_attention_heads"], mlp_dim=c["intermediate_size"])
+
+
+def _image_arch(c):
+  return dict(num_classes=0, patch_size=c["patch_size"], image_size=c["image_size"],
+              channels=c.get("num_channels", 3), posemb="learn", head_zero_init=False,
+              **_arch(c))
+
+
+def _clip_blocks(sd, prefix, depth):
+  """CLIP / SigLIP encoder layers (layer_norm1/2, self_attn.*_proj) as our blocks."""
+  return {i: _vit_block(sd, f"{prefix}.encoder.layers.{i}", norms=("layer_norm1", "layer_norm2"),
+                        attn="self_attn", attn_out="out_proj") for i in range(depth)}
+
+
+def _clip_text(sd, tc, what, **options):
+  """(config.objective.text, params) of a CLIP / SigLIP text_model, ours a TextTransformer.
+
+  Its vocabulary and length are config.input.tokenizer's: that must have HF's
+  vocab_size and max_len = max_position_embeddings (`assign` names the
+  parameter otherwise).
+  """
+  text = dict(_arch(tc), activation=_activation(tc, what), ln_eps=tc["layer_norm_eps"],
+              **options)
+  params = {
+      "token_embedding": {"embedding": sd["text_model.embeddings.token_embedding.weight"]},
+      "pos_embedding": sd["text_model.embeddings.position_embedding.weight"][None],
+      "blocks": _clip_blocks(sd, "text_model", tc["num_hidden_layers"]),
+      "norm": _norm(sd, "text_model.final_layer_norm"),
+  }
+  return text, params
+
+
+def load_hf_clip(state_dict: dict[str, Any], hf_config: dict[str, Any]):
+  """(config.model, config.objective, parameters) of our `clip` for an HF CLIPModel.
+
+  Our text tower pools at the last non-padding token, HF at the first
+  `eos_token_id` (or, when that is 2, at the largest id): the same token for
+  texts laid out as ours are (ids, EOS, 0 padding) whose EOS id is the one HF
+  looks for. HF's class token gets a position embedding: folded into `cls_token`.
+  """
+  sd = _rename(state_dict)
+  vc, tc = hf_config["vision_config"], hf_config["text_config"]
+  patch, channels = vc["patch_size"], vc.get("num_channels", 3)
+  model = dict(name="vit", pool="cls", pre_norm=True, patch_bias=False,
+               mlp_activation=_activation(vc, "CLIP vision"), ln_eps=vc["layer_norm_eps"],
+               **_image_arch(vc))
+  text, text_params = _clip_text(sd, tc, "CLIP text", causal=True, pool="eos",
+                                 mask_padding=True)
+  objective = dict(name="clip", embed_dim=hf_config["projection_dim"], text=text)
+  v = "vision_model"
+  pos = sd[f"{v}.embeddings.position_embedding.weight"]  # [1 + N, D], class token first
+  image = {
+      "embedding": _patch(sd, f"{v}.embeddings.patch_embedding", patch, channels),
+      "cls_token": (sd[f"{v}.embeddings.class_embedding"] + pos[0])[None, None],
+      "pos_embedding": pos[None, 1:],
+      "pre_norm": _norm(sd, f"{v}.pre_layrnorm"),
+      "blocks": _clip_blocks(sd, v, vc["num_hidden_layers"]),
+      "norm": _norm(sd, f"{v}.post_layernorm"),
+  }
+  params = {"image_tower": image, "text_tower": text_params,
+            "image_proj": {"kernel": sd["visual_projection.weight"].T},
+            "text_proj": {"kernel": sd["text_projection.weight"].T},
+            "log_scale": sd["logit_scale"].reshape(())}
+  return model, objective, params
+
+
+def load_hf_siglip(state_dict: dict[str, Any], hf_config: dict[str, Any]):
+  """(config.model, config.objective, parameters) of our `siglip` for an HF SiglipModel.
+
+  The image embedding is the MAP head's output (no projection); torch's
+  MultiheadAttention packs query, key and value into one in_proj, split here.
+  """
+  sd = _rename(state_dict)
+  vc, tc = hf_config["vision_config"], hf_config["text_config"]
+  if not vc.get("vision_use_head", True):
+    raise ConfigError("HF SigLIP without the attention-pooling head does not map onto our "
+                      "siglip (its image embedding is the MAP head's output)")
+  if tc.get("projection_size", tc["hidden_size"]) != vc["hidden_size"]:
+    raise ConfigError(f"HF SigLIP text projection_size={tc['projection_size']} differs from "
+                      f"the image width {vc['hidden_size']}; our siglip embeds in the image width")
+  patch, channels = vc["patch_size"], vc.get("num_channels", 3)
+  model = dict(name="vit", pool="map", mlp_activation=_activation(vc, "SigLIP vision"),
+               ln_eps=vc["layer_norm_eps"], **_image_arch(vc))
+  text, text_params = _clip_text(sd, tc, "SigLIP text", causal=False, pool="last",
+                                 mask_padding=False)
+  objective = dict(name="siglip", image_projection=False, text_projection_bias=True, text=text)
+  h = "vision_model.head"
+  query, key, value = np.split(sd[f"{h}.attention.in_proj_weight"].T, 3, axis=1)
+  query_bias, key_bias, value_bias = np.split(sd[f"{h}.attention.in_proj_bias"], 3)
+  map_head = {
+      "probe": sd[f"{h}.probe"],
+      "attn": {"query": {"kernel": query, "bias": query_bias},
+               "key": {"kernel": key, "bias": key_bias},
+               "value": {"kernel": value, "bias": value_bias},
+               "out": _linear(sd, f"{h}.attention.out_proj")},
+      "norm": _norm(sd, f"{h}.layernorm"),
+      "mlp": {"fc1": _linear(sd, f"{h}.mlp.fc1"), "fc2": _linear(sd, f"{h}.mlp.fc2")},
+  }
+  v = "vision_model"
+  image = {
+      "embedding": _patch(sd, f"{v}.embeddings.patch_embedding", patch, channels),
+      "pos_embedding": sd[f"{v}.embeddings.position_embedding.weight"][None],
+      "blocks": _clip_blocks(sd, v, vc["num_hidden_layers"]),
+      "norm": _norm(sd, f"{v}.post_layernorm"),
+      "map_head": map_head,
+  }
+  params = {"image_tower": image, "text_tower": text_params,
+            "text_proj": _linear(sd, "text_model.head"),
+            "log_t": sd["logit_scale"].reshape(()), "bias": sd["logit_bias"].reshape(())}
+  return model, objective, params
+
+
+def load_hf_dinov2(state_dict: dict[str, Any], hf_config: dict[str, Any]):
+  """Returns (ViT kwargs, parameters) for an HF Dinov2Model (transformers 4 or 5 names).
+
+  The mask token is not a ViT parameter: pass `embeddings.mask_token[0]` as
+  `mask_token=` with `token_mask=` (HF's bool_masked_pos). At other input sizes
+  HF resamples the position embedding bicubically and we bilinearly.
+  """
+  sd = _rename(state_dict, _LEGACY_BLOCK, strip="dinov2.")
+  if hf_config.get("use_swiglu_ffn") or not hf_config.get("qkv_bias", True):
+    raise ConfigError("HF DINOv2 with a SwiGLU MLP or without query/key/value biases does "
+                      "not map onto our ViT")
+  patch, channels = hf_config["patch_size"], hf_config.get("num_channels", 3)
+  width = hf_config["hidden_size"]
+  kwargs = dict(num_classes=0, patch_size=patch, width=width,
+                depth=hf_config["num_hidden_layers"],
+                mlp_dim=int(width * hf_config.get("mlp_ratio", 4)),
+                num_heads=hf_config["num_attention_heads"], image_size=hf_config["image_size"],
+                channels=channels, pool="cls", posemb="learn",
+                layerscale=hf_config.get("layerscale_value", 1.0),
+                mlp_activation=_activation(hf_config, "DINOv2"),
+                ln_eps=hf_config.get("layer_norm_eps", 1e-6), head_zero_init=False)
+  pos = sd["embeddings.position_embeddings"]  # [1, 1 + N, D], class token first
+  params = {
+      "embedding": _patch(sd, "embeddings.patch_embeddings.projection", patch, channels),
+      "cls_token": sd["embeddings.cls_token"] + pos[:, :1],
+      "pos_embedding": pos[:, 1:],
+      "norm": _norm(sd, "layernorm"),
+      "blocks": {},
+  }
+  for i in range(kwargs["depth"]):
+    p = f"encoder.layer.{i}"
+    block = _vit_block(sd, p, norms=("norm1", "norm2"))
+    block["ls1"] = {"gamma": sd[f"{p}.layer_scale1.lambda1"]}
+    block["ls2"] = {"gamma": sd[f"{p}.layer_scale2.lambda1"]}
+    params["blocks"][i] = block
+  return kwargs, params
+
+
+def load_hf_mae(state_dict: dict[str, Any], hf_config: dict[str, Any]):
+  """(config.model, config.objective, parameters) of our `mae` for HF ViTMAEForPreTraining.
+
+  HF's fixed sin-cos tables are not our sincos2d (other frequencies, h/w
+  order), so both load as learned position embeddings. Our decoder adds none
+  to the class token: HF's must be zero there, as in the published tables.
+  """
+  sd = _rename(state_dict, _LEGACY_BLOCK)
+  c = hf_config
+  if _activation(c, "ViTMAE") != "gelu" or not c.get("qkv_bias", True):
+    raise ConfigError("HF ViTMAE maps only with exact GELU and query/key/value biases")
+  width = c["decoder_hidden_size"]
+  if c["decoder_intermediate_size"] != 4 * width:
+    raise ConfigError(f"HF ViTMAE decoder_intermediate_size={c['decoder_intermediate_size']}: "
+                      f"our decoder's MLP is 4 x decoder_hidden_size = {4 * width}")
+  dpos = sd["decoder.decoder_pos_embed"]  # [1, 1 + N, width], class token first
+  if np.any(dpos[:, 0]):
+    raise ConfigError("HF ViTMAE decoder_pos_embed has a non-zero class-token position; our "
+                      "decoder adds no position embedding to the class token")
+  eps = c.get("layer_norm_eps", 1e-12)
+  patch, channels = c["patch_size"], c.get("num_channels", 3)
+  model = dict(name="vit", pool="cls", ln_eps=eps, **_image_arch(c))
+  objective = dict(name="mae", mask_ratio=c.get("mask_ratio", 0.75),
+                   norm_pix=c.get("norm_pix_loss", False), decoder_width=width,
+                   decoder_depth=c["decoder_num_hidden_layers"],
+                   decoder_heads=c["decoder_num_attention_heads"], decoder_posemb="learn",
+                   decoder_ln_eps=eps)
+  pos = sd["vit.embeddings.position_embeddings"]
+  encoder = {
+      "embedding": _patch(sd, "vit.embeddings.patch_embeddings.projection", patch, channels),
+      "cls_token": sd["vit.embeddings.cls_token"] + pos[:, :1],
+      "pos_embedding": pos[:, 1:],
+      "norm": _norm(sd, "vit.layernorm"),
+      "blocks": {i: _vit_block(sd, f"vit.layers.{i}") for i in range(c["num_hidden_layers"])},
+  }
+  decoder = {
+      "embed": _linear(sd, "decoder.decoder_embed"),
+      "mask_token": sd["decoder.mask_token"].reshape(-1),
+      "pos_embedding": dpos[:, 1:],
+      "blocks": {i: _vit_block(sd, f"decoder.decoder_layers.{i}")
+                 for i in range(c["decoder_num_hidden_layers"])},
+      "norm": _norm(sd, "decoder.decoder_norm"),
+      "pred": _linear(sd, "decoder.decoder_pred"),
+  }
+  return model, objective, {"encoder": encoder, "decoder": decoder}

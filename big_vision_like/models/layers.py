@@ -79,19 +79,27 @@ class Attention(nnx.Module):
     return self.out(out.reshape(out.shape[:-2] + (-1,)))
 
 
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
+}
+
+
 class Mlp(nnx.Module):
   def __init__(self, width: int, hidden: int, *, rngs: nnx.Rngs,
-               approximate_gelu: bool = False, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+               activation: str = "gelu", dtype=jnp.float32, param_dtype=jnp.float32):
+    if activation not in ACTIVATIONS:
+      raise ValueError(f"activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype,
               kernel_init=nnx.initializers.xavier_uniform())
     self.fc1 = dense(width, hidden, ("embed", "mlp"), **kw)
     self.fc2 = dense(hidden, width, ("mlp", "embed"), **kw)
-    self.approximate_gelu = approximate_gelu
+    self.activation = activation
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = jax.nn.gelu(self.fc1(x), approximate=self.approximate_gelu)
-    h = sharding.constrain(h, ("batch", "seq", "act_mlp"))
+    h = ACTIVATIONS[self.activation](self.fc1(x))
+    h = sharding.constrain(h, ("batch",) + (None,) * (h.ndim - 2) + ("act_mlp",))
     return self.fc2(h)
 
 

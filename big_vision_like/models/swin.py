@@ -216,7 +216,10 @@ class Swin(nnx.Module):
                         f"config.model.patch_size={p}")
     return h // p, w // p
 
-  def __call__(self, images, *, train: bool = False, rng: jax.Array | None = None):
+  def __call__(self, images, *, train: bool = False, rng: jax.Array | None = None,
+               token_mask: jax.Array | None = None, mask_token: jax.Array | None = None):
+    """`token_mask` [B, H/p * W/p] replaces those patch embeddings by `mask_token`
+    (SimMIM: a hierarchical encoder can't drop tokens, so it sees mask tokens)."""
     if images.ndim != 4 or images.shape[-1] != self.channels:
       raise ConfigError(f"Swin expects images [batch, height, width, {self.channels}] "
                         f"(config.model.channels), got shape {tuple(images.shape)}")
@@ -230,6 +233,8 @@ class Swin(nnx.Module):
     x = images.astype(self.dtype).reshape(b, gh, p, gw, p, self.channels)
     x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh, gw, p * p * self.channels)
     x = self.patch_norm(self.patch_embed(x))
+    if token_mask is not None:
+      x = jnp.where(token_mask.reshape(b, gh, gw, 1), mask_token.astype(x.dtype), x)
     drop = train and rng is not None and self.drop_path > 0
     keys = jax.random.split(rng if drop else jax.random.key(0), self.num_blocks)
     rates = np.linspace(0.0, self.drop_path, self.num_blocks)

@@ -47,18 +47,18 @@ class Block(nnx.Module):
   """Pre-norm transformer block with optional LayerScale and stochastic depth."""
 
   def __init__(self, width, mlp_dim, num_heads, *, layerscale, attention,
-               ln_eps, rngs, dtype, param_dtype):
+               ln_eps, rngs, dtype, param_dtype, activation="gelu"):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.norm1 = layers.layer_norm(width, eps=ln_eps, **kw)
     self.attn = layers.Attention(width, num_heads, implementation=attention, **kw)
     self.norm2 = layers.layer_norm(width, eps=ln_eps, **kw)
-    self.mlp = layers.Mlp(width, mlp_dim, **kw)
+    self.mlp = layers.Mlp(width, mlp_dim, activation=activation, **kw)
     self.ls1 = layers.LayerScale(width, layerscale, param_dtype) if layerscale else None
     self.ls2 = layers.LayerScale(width, layerscale, param_dtype) if layerscale else None
 
-  def __call__(self, x, drop_rate, rng, train):
+  def __call__(self, x, drop_rate, rng, train, mask=None):
     rng1, rng2 = jax.random.split(rng)
-    y = self.attn(self.norm1(x))
+    y = self.attn(self.norm1(x), mask=mask)
     y = self.ls1(y) if self.ls1 is not None else y
     x = x + layers.drop_path(y, drop_rate, rng1, train)
     y = self.mlp(self.norm2(x))
@@ -71,13 +71,13 @@ class MAPHead(nnx.Module):
   """Multihead attention pooling: a learned probe attends to the tokens."""
 
   def __init__(self, width, mlp_dim, num_heads, *, attention, ln_eps, rngs,
-               dtype, param_dtype):
+               dtype, param_dtype, activation="gelu"):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.probe = nnx.Param(nnx.initializers.xavier_uniform()(
         rngs.params(), (1, 1, width), param_dtype), out_sharding=(None, None, "embed"))
     self.attn = layers.Attention(width, num_heads, implementation=attention, **kw)
     self.norm = layers.layer_norm(width, eps=ln_eps, **kw)
-    self.mlp = layers.Mlp(width, mlp_dim, **kw)
+    self.mlp = layers.Mlp(width, mlp_dim, activation=activation, **kw)
 
   def __call__(self, x):
     probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
@@ -95,6 +95,8 @@ class ViT(nnx.Module):
                channels: int = 3, posemb: str = "learn", pool: str = "cls",
                drop_path: float = 0.0, layerscale: float | None = None,
                ln_eps: float = 1e-6, head_zero_init: bool = True,
+               mlp_activation: str = "gelu", patch_bias: bool = True,
+               pre_norm: bool = False,
                attention: str = "auto", remat: bool = False, scan: bool = False,
                dtype: str = "float32", param_dtype: str = "float32",
                rngs: nnx.Rngs):
@@ -126,7 +128,7 @@ class ViT(nnx.Module):
 
     # Patchify as reshape + matmul: identical to a stride-p conv, and cheap at p=1.
     self.embedding = layers.dense(self.patch_size ** 2 * channels, width,
-                                  (None, "embed"),
+                                  (None, "embed"), use_bias=patch_bias,
                                   kernel_init=nnx.initializers.lecun_normal(), **kw)
     if posemb == "learn":
       self.pos_embedding = nnx.Param(
@@ -137,8 +139,11 @@ class ViT(nnx.Module):
                       if pool == "cls" else None)
 
     block_args = (width, arch["mlp_dim"], arch["num_heads"])
+    if mlp_activation not in layers.ACTIVATIONS:
+      raise ConfigError(f"config.model.mlp_activation={mlp_activation!r}; valid: "
+                        f"{', '.join(layers.ACTIVATIONS)}")
     block_kw = dict(layerscale=layerscale, attention=attention, ln_eps=ln_eps,
-                    dtype=self.dtype, param_dtype=param_dtype)
+                    dtype=self.dtype, param_dtype=param_dtype, activation=mlp_activation)
     if scan:
       @nnx.vmap(in_axes=0, out_axes=0,
                 transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -148,8 +153,11 @@ class ViT(nnx.Module):
     else:
       self.blocks = nnx.List([Block(*block_args, rngs=rngs, **block_kw)
                               for _ in range(self.depth)])
+    # OpenAI CLIP normalises the tokens before the first block too.
+    self.pre_norm = layers.layer_norm(width, eps=ln_eps, **kw) if pre_norm else None
     self.norm = layers.layer_norm(width, eps=ln_eps, **kw)
-    self.map_head = (MAPHead(*block_args, attention=attention, ln_eps=ln_eps, **kw)
+    self.map_head = (MAPHead(*block_args, attention=attention, ln_eps=ln_eps,
+                             activation=mlp_activation, **kw)
                      if pool == "map" else None)
     if num_classes:
       head_init = (nnx.initializers.zeros_init() if head_zero_init
@@ -176,13 +184,20 @@ class ViT(nnx.Module):
     x = images.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, gh * gw, p * p * c)
 
-  def embed(self, images: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
-    """Patch tokens plus position embedding, [B, N, D], and the token grid."""
+  def embed(self, images: jax.Array, token_mask: jax.Array | None = None,
+            mask_token: jax.Array | None = None) -> tuple[jax.Array, tuple[int, int]]:
+    """Patch tokens plus position embedding, [B, N, D], and the token grid.
+
+    Where `token_mask` [B, N] is true the patch embedding is replaced by
+    `mask_token` [D] before the position embedding is added (SimMIM, iBOT).
+    """
     if images.ndim != 4 or images.shape[-1] != self.channels:
       raise ConfigError(f"ViT expects images [batch, height, width, {self.channels}] "
                         f"(config.model.channels), got shape {tuple(images.shape)}")
     grid = self._grid(images.shape[1:3])
     x = self.embedding(self.patchify(images.astype(self.dtype)))
+    if token_mask is not None:
+      x = jnp.where(token_mask[..., None], mask_token.astype(x.dtype), x)
     if self.posemb == "learn":
       pe = layers.resample_posemb(self.pos_embedding[...], self.grid, grid)
     else:
@@ -213,14 +228,20 @@ class ViT(nnx.Module):
       x = apply(block, x, rates[i], keys[i])
     return x
 
-  def __call__(self, images: jax.Array, *, train: bool = False,
-               rng: jax.Array | None = None):
-    x, grid = self.embed(images)
+  def add_cls(self, x: jax.Array) -> jax.Array:
+    """Prepends the class token (if the model has one) and normalises (CLIP)."""
     if self.cls_token is not None:
       cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, self.width))
       x = jnp.concatenate([cls, x], axis=1)
-    x = sharding.constrain(x, ("batch", "seq", "act_embed"))
-    x = self.norm(self.encode(x, train=train, rng=rng))
+    if self.pre_norm is not None:
+      x = self.pre_norm(x)
+    return sharding.constrain(x, ("batch", "seq", "act_embed"))
+
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               rng: jax.Array | None = None, token_mask: jax.Array | None = None,
+               mask_token: jax.Array | None = None):
+    x, grid = self.embed(images, token_mask, mask_token)
+    x = self.norm(self.encode(self.add_cls(x), train=train, rng=rng))
     if self.pool == "cls":
       pre_logits, tokens = x[:, 0], x[:, 1:]
     elif self.pool == "gap":

@@ -2,17 +2,25 @@
 
 An objective is an nnx.Module that owns its models, its loss and any extra
 state (an EMA teacher, a centre, a learnable temperature). The trainer takes
-gradients with respect to its `nnx.Param`s and carries every other variable
-through the step; it never branches on which objective runs.
+gradients with respect to the `nnx.Param`s that `trainable` selects and
+carries every other variable through the step; it never branches on which
+objective runs.
 """
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+
+
+# Parameters under a 'teacher' attribute are updated by the objective itself
+# (an EMA of the student), so the optimiser never sees them.
+TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("teacher")))
 
 
 class Objective(nnx.Module):
   """Subclasses build their models in __init__(config, ..., rngs) and define `loss`."""
+  trainable = TRAINABLE
 
   def loss(self, batch: dict[str, jax.Array], *, rng: jax.Array,
            train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -25,3 +33,29 @@ class Objective(nnx.Module):
   # Evaluators ask for these; an objective provides the ones that make sense.
   def classify(self, images: jax.Array) -> jax.Array:
     raise NotImplementedError(f"objective {type(self).__name__} has no classifier")
+
+  def features(self, images: jax.Array) -> jax.Array:
+    """The representation [B, D] that kNN and linear probes read."""
+    raise NotImplementedError(f"objective {type(self).__name__} has no image features")
+
+  def embed_image(self, images: jax.Array) -> jax.Array:
+    """L2-normalised image embeddings [B, E] in a shared image-text space."""
+    raise NotImplementedError(f"objective {type(self).__name__} has no image-text space")
+
+  def embed_text(self, tokens: jax.Array) -> jax.Array:
+    """L2-normalised text embeddings [B, E] of int32 tokens [B, L]."""
+    raise NotImplementedError(f"objective {type(self).__name__} has no text tower")
+
+
+def normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def ema_update(teacher: nnx.Module, student: nnx.Module, momentum: jax.Array) -> None:
+  """teacher <- momentum * teacher + (1 - momentum) * student, leaf by leaf."""
+  student_params = nnx.state(student, nnx.Param)
+  teacher_params = nnx.state(teacher, nnx.Param)
+  new = jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s.astype(t.dtype),
+                     teacher_params, student_params)
+  nnx.update(teacher, new)

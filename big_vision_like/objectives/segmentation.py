@@ -60,3 +60,6 @@ class Segmentation(Objective):
     loss = jnp.where(valid, per_pixel, 0.0).sum() / count
     accuracy = jnp.where(valid, logits.argmax(-1) == labels, False).sum() / count
     return loss, {"loss": loss, "pixel_accuracy": accuracy}
+
+  def features(self, images):
+    return self.backbone(images, train=False)[1]["pre_logits"]

@@ -86,3 +86,6 @@ class Supervised(Objective):
 
   def classify(self, images):
     return self.encoder(images, train=False)[0]
+
+  def features(self, images):
+    return self.encoder(images, train=False)[1]["pre_logits"]

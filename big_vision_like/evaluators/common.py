@@ -1,0 +1,131 @@
+"""Helpers shared by the representation evaluators (kNN, linear probe, zero-shot, retrieval).
+
+These evaluators embed a whole split once, then score the embeddings on the
+host or in a second jitted pass, so the per-batch work is "run a jitted
+function, drop the padding, keep numpy".
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from big_vision_like import data
+from big_vision_like.parallel import sharding
+from big_vision_like.registry import ConfigError
+
+# Elements of one [rows, keys] similarity block; bounds device memory (512 MiB in f32).
+SIMILARITY_BUDGET = 2 ** 27
+
+
+@dataclasses.dataclass
+class Head:
+  """The first `n` examples of a source (e.g. a train subset for a fast probe)."""
+  source: Any
+  n: int
+
+  def __len__(self):
+    return min(self.n, len(self.source))
+
+  def __getitem__(self, i):
+    return self.source[i]
+
+
+def split_config(data_config, split: str) -> ml_collections.ConfigDict:
+  """The evaluator's data config for another split (same source, dir and transforms)."""
+  config = dict(data_config)
+  config["split"] = split
+  return ml_collections.ConfigDict(config)
+
+
+def build_train_source(data_config, field: str, train_split: str,
+                       max_train_examples: int | None):
+  """The labelled split that kNN / linear probes fit on, optionally truncated."""
+  source = data.build_source(split_config(data_config, train_split), field)
+  if max_train_examples is not None:
+    if int(max_train_examples) < 1:
+      raise ConfigError(f"{field}.max_train_examples={max_train_examples!r} must be >= 1")
+    source = Head(source, int(max_train_examples))
+  return source
+
+
+def num_classes(source, *label_arrays: np.ndarray) -> int:
+  """The source's `num_classes`, or max label + 1 when it has none."""
+  n = getattr(source, "num_classes", 0) or 0
+  top = max((int(a.max()) + 1 for a in label_arrays if a.size), default=0)
+  return max(int(n), top)
+
+
+def _to_numpy(x) -> np.ndarray:
+  """A (possibly multi-process) global array as the full numpy array on every host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def map_split(fn: Callable, state, data_config, source, field: str, mesh,
+              keys: Sequence[str]) -> dict[str, np.ndarray]:
+  """Runs jitted `fn(state, batch) -> {name: [B, ...]}` over one pass of `source`.
+
+  `batch` holds `keys` (array fields only, placed with `put_batch`) and
+  `_mask`; the outputs of padding examples are dropped and the rest
+  concatenated in batch order. Each output is converted one batch late so the
+  host overlaps with the device.
+  """
+  chunks: dict[str, list[np.ndarray]] = {}
+  pending = None
+
+  def collect(out):
+    out = {k: _to_numpy(v) for k, v in out.items()}
+    keep = out.pop("_mask") > 0
+    for k, v in out.items():
+      chunks.setdefault(k, []).append(v[keep])
+
+  for batch in data.eval_batches(data_config, source, field):
+    arrays = sharding.put_batch({k: np.asarray(batch[k]) for k in (*keys, "_mask")}, mesh)
+    out = dict(fn(state, arrays), _mask=arrays["_mask"])
+    if pending is not None:
+      collect(pending)
+    pending = out
+  if pending is None:
+    raise ConfigError(f"{field}: split {data_config.get('split')!r} has no examples")
+  collect(pending)
+  return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def rows_per_block(num_keys: int, limit: int = 4096) -> int:
+  """Query rows per similarity block so that rows x keys stays within budget."""
+  return int(np.clip(SIMILARITY_BUDGET // max(num_keys, 1), 1, limit))
+
+
+def map_blocks(fn: Callable, queries: np.ndarray, rows: int) -> np.ndarray:
+  """Applies jitted `fn` to fixed-size row blocks of `queries` (one compile) and concatenates."""
+  n = len(queries)
+  padded = np.concatenate([queries, np.zeros((-n % rows, *queries.shape[1:]), queries.dtype)])
+  outs = [fn(padded[i:i + rows]) for i in range(0, len(padded), rows)]
+  return np.concatenate([np.asarray(o) for o in outs])[:n]
+
+
+def topk_metrics(predicted: np.ndarray, labels: np.ndarray, ks: Sequence[int],
+                 num_classes: int) -> dict[str, float]:
+  """accuracy / topK_accuracy from [N, >=max(ks)] class indices ranked best first.
+
+  K larger than the number of classes is skipped (it would always be 1).
+  """
+  out = {}
+  for k in ks:
+    if k > num_classes:
+      continue
+    hit = (predicted[:, :k] == labels[:, None]).any(1)
+    out["accuracy" if k == 1 else f"top{k}_accuracy"] = float(hit.mean())
+  return out

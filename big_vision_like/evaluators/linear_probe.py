@@ -1,0 +1,112 @@
+"""Linear probe: multinomial logistic regression on frozen features.
+
+Train and test features are extracted once per run and standardised with the
+train mean / std; a softmax classifier is fit on the full train set in one
+jitted loop (L-BFGS, or Adam with a cosine schedule), with an L2 penalty
+`weight_decay / 2 * |W|^2` on the weights (not the bias).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from big_vision_like import data
+from big_vision_like.evaluators import common
+from big_vision_like.registry import ConfigError
+
+OPTIMIZERS = ("lbfgs", "adam")
+
+
+def feature_fn(graphdef):
+  """Jitted (state, batch) -> raw `objective.features` (float32) and labels."""
+  def features(state, batch):
+    objective = nnx.merge(graphdef, *state)
+    return {"features": objective.features(batch["image"]).astype(jnp.float32),
+            "label": batch["label"]}
+  return jax.jit(features)
+
+
+def standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Both sets scaled by train statistics, so one lr / decay suits any backbone."""
+  mean = train.mean(0)
+  std = train.std(0) + 1e-6
+  return (train - mean) / std, (test - mean) / std
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "steps", "optimizer"))
+def fit(x, y, *, num_classes: int, steps: int, lr: float, weight_decay: float,
+        optimizer: str):
+  """{'w', 'b'} minimising mean cross-entropy + L2 on w over the full batch."""
+  params = {"w": jnp.zeros((x.shape[1], num_classes), jnp.float32),
+            "b": jnp.zeros((num_classes,), jnp.float32)}
+
+  def loss_fn(p):
+    logits = x @ p["w"] + p["b"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return ce + 0.5 * weight_decay * jnp.sum(p["w"] ** 2)
+
+  if optimizer == "lbfgs":
+    tx = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss_fn)
+  else:
+    tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
+    value_and_grad = lambda p, state: jax.value_and_grad(loss_fn)(p)
+
+  def step(carry, _):
+    p, opt_state = carry
+    value, grad = value_and_grad(p, state=opt_state)
+    updates, opt_state = tx.update(grad, opt_state, p, value=value, grad=grad,
+                                   value_fn=loss_fn)
+    return (optax.apply_updates(p, updates), opt_state), value
+
+  (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
+  return params
+
+
+def predict(params, x: np.ndarray) -> np.ndarray:
+  return np.asarray(jnp.argmax(jnp.asarray(x) @ params["w"] + params["b"], -1))
+
+
+class LinearProbe:
+  """Test accuracy of a logistic regression fit on `train_split` features.
+
+  `lr` is Adam's peak rate; L-BFGS picks its steps by line search.
+  """
+
+  def __init__(self, data_config, *, mesh, field: str, steps: int = 500,
+               lr: float = 0.1, weight_decay: float = 1e-4, optimizer: str = "lbfgs",
+               train_split: str = "train", max_train_examples: int | None = None):
+    if optimizer not in OPTIMIZERS:
+      raise ConfigError(f"{field}.optimizer={optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if int(steps) < 1:
+      raise ConfigError(f"{field}.steps={steps!r} must be >= 1")
+    self.data_config, self.mesh, self.field = data_config, mesh, field
+    self.steps, self.lr, self.weight_decay = int(steps), float(lr), float(weight_decay)
+    self.optimizer = optimizer
+    self.source = data.build_source(data_config, field)
+    self.train_source = common.build_train_source(data_config, field, train_split,
+                                                  max_train_examples)
+    self.train_config = common.split_config(data_config, train_split)
+    self._features = None
+
+  def _extract(self, state, config, source):
+    return common.map_split(self._features, state, config, source, self.field,
+                            self.mesh, ("image", "label"))
+
+  def run(self, graphdef, state) -> dict[str, float]:
+    if self._features is None:
+      self._features = feature_fn(graphdef)
+    train = self._extract(state, self.train_config, self.train_source)
+    test = self._extract(state, self.data_config, self.source)
+    x_train, x_test = standardize(train["features"], test["features"])
+    classes = common.num_classes(self.source, train["label"], test["label"])
+    params = fit(jnp.asarray(x_train), jnp.asarray(train["label"]), num_classes=classes,
+                 steps=self.steps, lr=self.lr, weight_decay=self.weight_decay,
+                 optimizer=self.optimizer)
+    return {"accuracy": float((predict(params, x_test) == test["label"]).mean()),
+            "train_accuracy": float((predict(params, x_train) == train["label"]).mean())}

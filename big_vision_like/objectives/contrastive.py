@@ -1,0 +1,142 @@
+"""Image-text contrastive pre-training: CLIP (softmax) and SigLIP (sigmoid).
+
+Two towers: the image backbone named by config.model and a text transformer
+(config.objective.text), each projected to a shared space and L2-normalised.
+The batch carries 'image' and 'text' (int32 tokens from the 'tokenize'
+transform). The losses are pure functions of the *global* batch's embeddings:
+under jit XLA gathers the sharded embeddings; the shard_map versions for large
+meshes take the same arguments.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from big_vision_like.models import MODELS, layers
+from big_vision_like.models.text import TextTransformer
+from big_vision_like.objectives.base import Objective, normalize
+from big_vision_like.registry import ConfigError, check_kwargs
+
+
+def clip_loss(image_emb: jax.Array, text_emb: jax.Array, log_scale: jax.Array) -> jax.Array:
+  """Symmetric InfoNCE: image i's positive is text i, every other text a negative."""
+  logits = jnp.exp(log_scale) * image_emb @ text_emb.T
+  labels = jnp.arange(logits.shape[0])
+  return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+                + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+
+
+def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, log_t: jax.Array,
+                bias: jax.Array) -> jax.Array:
+  """Pairwise sigmoid loss: every (image, text) pair is its own binary problem.
+
+  Summed over texts, averaged over images (Zhai et al. 2023).
+  """
+  logits = jnp.exp(log_t) * image_emb @ text_emb.T + bias
+  labels = 2.0 * jnp.eye(logits.shape[0]) - 1.0
+  return -jax.nn.log_sigmoid(labels * logits).sum(-1).mean()
+
+
+def _needs_text(config: Any, objective: str) -> None:
+  steps = [t.get("name") for t in (config.input.transforms or ())]
+  if "tokenize" not in steps:
+    raise ConfigError(
+        f"config.objective.name={objective!r} trains on image-text pairs but "
+        f"config.input.transforms has no 'tokenize' step to make batch['text'] "
+        f"(use source 'coco_captions', or 'class_caption' + 'tokenize' on labelled data)")
+
+
+class TwoTower(Objective):
+  """The image and text towers and their projections; subclasses define the loss."""
+  name = "two_tower"
+
+  def __init__(self, config: Any, *, text: dict | None = None, embed_dim: int = 0,
+               image_projection: bool = True, text_projection_bias: bool = False,
+               rngs: nnx.Rngs):
+    """`embed_dim=0` uses the image tower's width; `image_projection=False`
+    uses the pooled image features as the embedding (SigLIP's MAP head output)."""
+    from big_vision_like.data.tokenizers import build_tokenizer  # pylint: disable=g-import-not-at-top
+    _needs_text(config, self.name)
+    model = dict(config.model)
+    if model.get("num_classes"):
+      raise ConfigError(f"config.model.num_classes must be 0 for {self.name!r}: the image "
+                        f"tower outputs features, not class logits")
+    self.image_tower = MODELS.build(model.pop("name"), model, field="config.model", rngs=rngs)
+    tokenizer = build_tokenizer(config.input.tokenizer)
+    text = dict(text or {})
+    check_kwargs(TextTransformer, text, "config.objective.text", what="the text tower",
+                 skip=("rngs", "vocab_size", "max_len"))
+    self.text_tower = TextTransformer(vocab_size=tokenizer.vocab_size,
+                                      max_len=tokenizer.max_len, rngs=rngs, **text)
+    image_width = self.image_tower.width
+    embed_dim = embed_dim or image_width
+    if not image_projection and embed_dim != image_width:
+      raise ConfigError(f"config.objective.embed_dim={embed_dim} differs from the image "
+                        f"tower's width {image_width} but image_projection is off")
+    self.image_proj = (layers.dense(image_width, embed_dim, ("embed", None), use_bias=False,
+                                    rngs=rngs) if image_projection else None)
+    self.text_proj = layers.dense(self.text_tower.width, embed_dim, ("embed", None),
+                                  use_bias=text_projection_bias, rngs=rngs)
+
+  def features(self, images, *, train=False, rng=None):
+    return self.image_tower(images, train=train, rng=rng)[1]["pre_logits"]
+
+  def embed_image(self, images, *, train=False, rng=None):
+    x = self.features(images, train=train, rng=rng)
+    return normalize(self.image_proj(x) if self.image_proj is not None else x)
+
+  def embed_text(self, tokens):
+    return normalize(self.text_proj(self.text_tower(tokens)[0]))
+
+  def pair_loss(self, image_emb, text_emb):
+    raise NotImplementedError
+
+  def loss(self, batch, *, rng, train):
+    if "text" not in batch:
+      raise ConfigError(f"objective {self.name!r} needs batch['text']; the batch has "
+                        f"{sorted(batch)}")
+    image_emb = self.embed_image(batch["image"], train=train, rng=rng)
+    text_emb = self.embed_text(batch["text"])
+    loss, metrics = self.pair_loss(image_emb, text_emb)
+    sims = image_emb @ text_emb.T
+    # Retrieval within the batch; duplicate captions (class names) make it an
+    # underestimate, not a bug.
+    labels = jnp.arange(sims.shape[0])
+    metrics.update(loss=loss, i2t_accuracy=(sims.argmax(1) == labels).mean(),
+                   t2i_accuracy=(sims.argmax(0) == labels).mean())
+    return loss, metrics
+
+
+class Clip(TwoTower):
+  name = "clip"
+
+  def __init__(self, config: Any, *, temperature: float = 0.07, max_scale: float = 100.0,
+               rngs: nnx.Rngs, **kwargs):
+    """Logit scale learned in log space from 1/temperature, clipped at max_scale."""
+    super().__init__(config, rngs=rngs, **kwargs)
+    self.log_scale = nnx.Param(jnp.asarray(math.log(1.0 / temperature), jnp.float32))
+    self.max_log_scale = math.log(max_scale)
+
+  def pair_loss(self, image_emb, text_emb):
+    log_scale = jnp.minimum(self.log_scale[...], self.max_log_scale)
+    return clip_loss(image_emb, text_emb, log_scale), {"scale": jnp.exp(log_scale)}
+
+
+class Siglip(TwoTower):
+  name = "siglip"
+
+  def __init__(self, config: Any, *, init_temperature: float = 10.0, init_bias: float = -10.0,
+               rngs: nnx.Rngs, **kwargs):
+    """Learned temperature t (in log space, init log 10) and bias (init -10)."""
+    super().__init__(config, rngs=rngs, **kwargs)
+    self.log_t = nnx.Param(jnp.asarray(math.log(init_temperature), jnp.float32))
+    self.bias = nnx.Param(jnp.asarray(init_bias, jnp.float32))
+
+  def pair_loss(self, image_emb, text_emb):
+    loss = siglip_loss(image_emb, text_emb, self.log_t[...], self.bias[...])
+    return loss, {"temperature": jnp.exp(self.log_t[...]), "bias": self.bias[...]}

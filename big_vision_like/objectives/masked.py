@@ -1,0 +1,225 @@
+"""Masked image modelling: MAE for ViT, SimMIM-style mask tokens for Swin.
+
+MAE (He et al. 2022): a random 75% of the patches are dropped, the encoder
+sees only the visible ones, a light decoder fills in mask tokens and predicts
+the pixels; the loss counts masked patches only. A hierarchical encoder (Swin)
+can't drop tokens, so it gets a learned mask token in their place and a linear
+decoder from its last feature map (Xie et al. 2022). Targets may be
+per-patch normalised pixels (`norm_pix`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from big_vision_like.models import MODELS, layers
+from big_vision_like.models.swin import Swin
+from big_vision_like.models.vit import Block, ViT
+from big_vision_like.objectives.base import Objective
+from big_vision_like.registry import ConfigError
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+  """[B, H, W, C] -> [B, N, p*p*C], patches row-major, pixels (row, col, channel)."""
+  b, h, w, c = images.shape
+  x = images.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(patches: jax.Array, grid: tuple[int, int], patch: int) -> jax.Array:
+  b, _, d = patches.shape
+  c = d // (patch * patch)
+  x = patches.reshape(b, grid[0], grid[1], patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, grid[0] * patch, grid[1] * patch, c)
+
+
+def pixel_targets(images: jax.Array, patch: int, norm_pix: bool) -> jax.Array:
+  target = patchify(images.astype(jnp.float32), patch)
+  if norm_pix:  # unbiased variance, as the reference implementation
+    mean = target.mean(-1, keepdims=True)
+    var = target.var(-1, keepdims=True, ddof=1)
+    target = (target - mean) / jnp.sqrt(var + 1e-6)
+  return target
+
+
+def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean squared error per patch, averaged over the masked patches (mask = 1) only."""
+  per_patch = ((pred - target) ** 2).mean(-1)
+  return (per_patch * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def random_masking(noise: jax.Array, mask_ratio: float):
+  """Per example, keeps the patches with the smallest noise.
+
+  Returns (ids_keep [B, K], mask [B, N] with 1 = masked, ids_restore [B, N]).
+  """
+  n = noise.shape[1]
+  keep = int(n * (1 - mask_ratio))
+  ids_shuffle = jnp.argsort(noise, axis=1)
+  ids_restore = jnp.argsort(ids_shuffle, axis=1)
+  mask = jnp.ones_like(noise).at[:, :keep].set(0.0)
+  mask = jnp.take_along_axis(mask, ids_restore, axis=1)
+  return ids_shuffle[:, :keep], mask, ids_restore
+
+
+def block_noise(rng: jax.Array, batch: int, grid: tuple[int, int], unit: int) -> jax.Array:
+  """Noise constant over unit x unit blocks of tokens, so masks come in blocks."""
+  coarse = jax.random.uniform(rng, (batch, -(-grid[0] // unit), -(-grid[1] // unit)))
+  fine = jnp.repeat(jnp.repeat(coarse, unit, 1), unit, 2)[:, :grid[0], :grid[1]]
+  # A tiny tie-breaker keeps the blocks intact but makes argsort well defined.
+  return fine.reshape(batch, -1) + 1e-6 * jnp.arange(grid[0] * grid[1]) / (grid[0] * grid[1])
+
+
+class MaeDecoder(nnx.Module):
+  """Mask tokens back in place, a few transformer blocks, a pixel predictor."""
+
+  def __init__(self, encoder_width: int, num_patches: int, grid, out_dim: int, *,
+               width: int, depth: int, num_heads: int, posemb: str, ln_eps: float,
+               rngs: nnx.Rngs):
+    if posemb not in ("sincos2d", "learn"):
+      raise ConfigError(f"config.objective.decoder_posemb={posemb!r}; valid: sincos2d, learn")
+    self.embed = layers.dense(encoder_width, width, ("embed", None), rngs=rngs)
+    self.mask_token = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (width,)))
+    pe = (layers.sincos_2d(*grid, width) if posemb == "sincos2d" else
+          nnx.initializers.normal(0.02)(rngs.params(), (1, num_patches, width)))
+    # Fixed sin-cos embeddings are a constant, not a parameter.
+    self.pos_embedding = nnx.Param(pe) if posemb == "learn" else nnx.Variable(pe)
+    self.blocks = nnx.List([Block(width, 4 * width, num_heads, layerscale=None,
+                                  attention="auto", ln_eps=ln_eps, rngs=rngs,
+                                  dtype=jnp.float32, param_dtype=jnp.float32)
+                            for _ in range(depth)])
+    self.norm = layers.layer_norm(width, eps=ln_eps, rngs=rngs)
+    self.pred = layers.dense(width, out_dim, (None, None), rngs=rngs)
+
+  def __call__(self, latent: jax.Array, ids_restore: jax.Array, num_prefix: int):
+    x = self.embed(latent)
+    prefix, visible = x[:, :num_prefix], x[:, num_prefix:]
+    b, n = ids_restore.shape
+    masks = jnp.broadcast_to(self.mask_token[...], (b, n - visible.shape[1], x.shape[-1]))
+    x = jnp.concatenate([visible, masks], axis=1)
+    x = jnp.take_along_axis(x, ids_restore[..., None], axis=1) + self.pos_embedding[...]
+    x = jnp.concatenate([prefix, x], axis=1)
+    for block in self.blocks:
+      x = block(x, 0.0, jax.random.key(0), False)
+    return self.pred(self.norm(x))[:, num_prefix:]
+
+
+class MaskedImageModeling(Objective):
+  """`mae`: ViT drops the masked patches; Swin sees mask tokens (SimMIM)."""
+
+  def __init__(self, config: Any, *, mask_ratio: float = 0.75, norm_pix: bool = False,
+               decoder_width: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
+               decoder_posemb: str = "sincos2d", mask_unit: int = 0,
+               decoder_ln_eps: float = 1e-6, rngs: nnx.Rngs):
+    """`mask_unit` (Swin): masks come in blocks of that many tokens a side
+    (default: one block per token of the last stage). `decoder_ln_eps`: HF's
+    ViTMAE port uses 1e-12 where the original MAE uses 1e-6."""
+    if not 0.0 < mask_ratio < 1.0:
+      raise ConfigError(f"config.objective.mask_ratio={mask_ratio} must be in (0, 1)")
+    model = dict(config.model)
+    name = model.pop("name")
+    if model.get("num_classes"):
+      raise ConfigError("config.model.num_classes must be 0 for 'mae': the encoder is "
+                        "pre-trained without a classifier")
+    self.encoder = MODELS.build(name, model, field="config.model", rngs=rngs)
+    if not isinstance(self.encoder, (ViT, Swin)):
+      raise ConfigError(f"objective 'mae' needs a patch-token backbone (vit or swin); "
+                        f"config.model.name={name!r} has no patch tokens to mask")
+    self.mask_ratio, self.norm_pix = mask_ratio, norm_pix
+    self.patch = self.encoder.patch_size
+    channels = self.encoder.channels
+    grid = self.encoder.grid if isinstance(self.encoder, ViT) else self.encoder._grid(
+        self.encoder.image_size)
+    self.grid = tuple(grid)
+    if isinstance(self.encoder, ViT):
+      self.decoder = MaeDecoder(
+          self.encoder.width, int(np.prod(grid)), grid, self.patch ** 2 * channels,
+          width=decoder_width, depth=decoder_depth, num_heads=decoder_heads,
+          posemb=decoder_posemb, ln_eps=decoder_ln_eps, rngs=rngs)
+      self.mask_token = None
+    else:
+      self.stride = self.patch * 2 ** (len(self.encoder.widths) - 1)
+      self.mask_unit = mask_unit or self.stride // self.patch
+      self.mask_token = nnx.Param(jnp.zeros((self.encoder.widths[0],)))
+      self.decoder = layers.dense(self.encoder.width, self.stride ** 2 * channels,
+                                  ("embed", None), rngs=rngs)
+
+  # -- ViT: MAE -------------------------------------------------------------
+
+  def _mae(self, images, noise, *, train, rng):
+    encoder = self.encoder
+    x, _ = encoder.embed(images)
+    ids_keep, mask, ids_restore = random_masking(noise, self.mask_ratio)
+    x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
+    x = encoder.add_cls(x)
+    latent = encoder.norm(encoder.encode(x, train=train, rng=rng))
+    prefix = 1 if encoder.cls_token is not None else 0
+    pred = self.decoder(latent, ids_restore, prefix)
+    return pred, mask
+
+  # -- Swin: mask tokens ----------------------------------------------------
+
+  def _simmim(self, images, noise, *, train, rng):
+    _, mask, _ = random_masking(noise, self.mask_ratio)
+    _, out = self.encoder(images, train=train, rng=rng, token_mask=mask > 0,
+                          mask_token=self.mask_token[...])
+    feature = out["tokens"]  # [B, (H/stride)*(W/stride), C]
+    pixels = unpatchify(self.decoder(feature), (images.shape[1] // self.stride,
+                                                images.shape[2] // self.stride), self.stride)
+    return patchify(pixels, self.patch), mask
+
+  def predict(self, images: jax.Array, rng: jax.Array, *, train: bool = False,
+              noise: jax.Array | None = None):
+    """(predicted patches [B, N, p*p*C], mask [B, N] with 1 = masked)."""
+    k_mask, k_model = jax.random.split(rng)
+    b = images.shape[0]
+    if noise is None:
+      noise = (jax.random.uniform(k_mask, (b, int(np.prod(self.grid))))
+               if self.mask_token is None else block_noise(k_mask, b, self.grid, self.mask_unit))
+    run = self._mae if self.mask_token is None else self._simmim
+    return run(images, noise, train=train, rng=k_model)
+
+  def loss(self, batch, *, rng, train):
+    images = batch["image"]
+    pred, mask = self.predict(images, rng, train=train)
+    loss = masked_mse(pred.astype(jnp.float32),
+                      pixel_targets(images, self.patch, self.norm_pix), mask)
+    return loss, {"loss": loss, "mask_fraction": mask.mean()}
+
+  def reconstruct(self, images: jax.Array, rng: jax.Array):
+    """(reconstruction, mask) as images [B, H, W, C] and [B, H, W], visible
+    patches pasted from the input, for viewing."""
+    pred, mask = self.predict(images, rng)
+    if self.norm_pix:  # undo the per-patch normalisation with the true statistics
+      target = patchify(images.astype(jnp.float32), self.patch)
+      mean = target.mean(-1, keepdims=True)
+      std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
+      pred = pred * std + mean
+    patches = jnp.where(mask[..., None] > 0, pred, patchify(images, self.patch))
+    grid = (images.shape[1] // self.patch, images.shape[2] // self.patch)
+    pixel_mask = unpatchify(jnp.repeat(mask[..., None], self.patch ** 2, -1), grid,
+                            self.patch)[..., 0]
+    return unpatchify(patches, grid, self.patch), pixel_mask
+
+  def features(self, images):
+    """The encoder on the whole image (no masking): its pooled representation."""
+    return self.encoder(images)[1]["pre_logits"]
+
+
+def render(images: np.ndarray, reconstructions: np.ndarray, masks: np.ndarray,
+           max_rows: int = 8) -> np.ndarray:
+  """A uint8 grid, one row per example: input | masked input | reconstruction.
+
+  Images are in the [-1, 1] range of the default 'normalize' transform.
+  """
+  to_uint8 = lambda x: np.clip((np.asarray(x) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+  rows = []
+  for image, recon, mask in list(zip(images, reconstructions, masks))[:max_rows]:
+    masked = np.where(np.asarray(mask)[..., None] > 0, -1.0, image)
+    rows.append(np.concatenate([to_uint8(image), to_uint8(masked), to_uint8(recon)], axis=1))
+  grid = np.concatenate(rows, axis=0)
+  return np.repeat(grid, 3, -1) if grid.shape[-1] == 1 else grid
