@@ -25,6 +25,7 @@ setup(
         "pillow>=10.0",
         "scikit-learn>=1.4",  # the bundled digits dataset of the default config
         "tensorboardX>=2.6",
+        "sentencepiece>=0.2",  # optional SentencePiece text tokenizer (CLIP / SigLIP)
     ],
     extras_require={"test": ["pytest>=8.0"]},
     classifiers=["Programming Language :: Python :: 3.11",

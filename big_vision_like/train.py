@@ -360,14 +360,7 @@ def _loop(config, trainer, state, start, iterator, evaluators, ckpt, writer, mes
       pause = time.perf_counter()
       due = [name for name, (_, every) in evaluators.items() if step % every == 0 or last]
       if due:
-        results = {}
-        for name in due:
-          evaluator = evaluators[name][0]
-          for key, value in evaluator.run(trainer.graphdef, trainer.eval_state(state)).items():
-            results[f"eval/{name}/{key}"] = value
-        writer.write(step, results)
-        logging.info("step %d/%d | %s", step, total,
-                     " | ".join(f"{k} {v:.4f}" for k, v in sorted(results.items())))
+        results = _evaluate(due, evaluators, trainer, state, writer, step, total)
         if last:
           final = results
 
@@ -380,6 +373,19 @@ def _loop(config, trainer, state, start, iterator, evaluators, ckpt, writer, mes
         logging.warning("SIGTERM: saved %s at step %d; run the same command to resume.",
                         ckpt.path(step), step)
         return final
-  if start >= total:
-    logging.info("Already trained to step %d; nothing to do.", total)
+  if start >= total:  # running a finished run again re-evaluates its final state
+    logging.info("Already trained to step %d; evaluating the final state.", total)
+    final = _evaluate(list(evaluators), evaluators, trainer, state, writer, total, total)
   return final
+
+
+def _evaluate(names, evaluators, trainer, state, writer, step, total) -> dict[str, float]:
+  results = {}
+  for name in names:
+    evaluator = evaluators[name][0]
+    for key, value in evaluator.run(trainer.graphdef, trainer.eval_state(state)).items():
+      results[f"eval/{name}/{key}"] = value
+  writer.write(step, results)
+  logging.info("step %d/%d | %s", step, total,
+               " | ".join(f"{k} {v:.4f}" for k, v in sorted(results.items())))
+  return results

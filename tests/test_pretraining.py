@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 from absl.testing import absltest, parameterized
 from flax import nnx
 
-from big_vision_like import configuration, train
+from big_vision_like import train
 from big_vision_like.models.text import TextTransformer
 from big_vision_like.objectives import contrastive, distillation, masked
 from big_vision_like.registry import ConfigError
@@ -79,6 +79,23 @@ class LossTest(absltest.TestCase):
     got = contrastive.siglip_loss(jnp.asarray(img), jnp.asarray(txt), jnp.asarray(t),
                                   jnp.asarray(b))
     np.testing.assert_allclose(got, expected / 5, rtol=1e-5)
+
+  def test_same_label_positives(self):
+    rng = np.random.default_rng(5)
+    img, txt = unit_rows(rng, 4, 3), unit_rows(rng, 4, 3)
+    labels = np.array([0, 1, 0, 2])
+    pos = labels[:, None] == labels[None]
+    logits = np.exp(1.5) * img @ txt.T
+    soft = lambda l, p: -(p / p.sum(1, keepdims=True) * log_softmax(l, 1)).sum(1).mean()
+    expected = 0.5 * (soft(logits, pos) + soft(logits.T, pos.T))
+    got = contrastive.clip_loss(jnp.asarray(img), jnp.asarray(txt), jnp.asarray(1.5),
+                                jnp.asarray(pos))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    z = np.exp(2.0) * img @ txt.T - 1.0
+    expected = np.log1p(np.exp(-(2.0 * pos - 1) * z)).sum(1).mean()
+    got = contrastive.siglip_loss(jnp.asarray(img), jnp.asarray(txt), jnp.asarray(2.0),
+                                  jnp.asarray(-1.0), jnp.asarray(pos))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
 
   def test_masked_loss_counts_only_masked_patches(self):
     rng = np.random.default_rng(2)
@@ -228,6 +245,29 @@ class ObjectiveStateTest(absltest.TestCase):
     self.assertEqual(grid.shape, (16, 24, 3))
     self.assertEqual(grid.dtype, np.uint8)
 
+  def test_swin_is_pretrained_with_mask_tokens(self):
+    config = smoke_config("mae")
+    config.model = dict(name="swin", num_classes=0, patch_size=2, embed_dim=16, depths=(1, 1),
+                        num_heads=(2, 2), window_size=2, image_size=8, channels=1)
+    objective = build(config)
+    images = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+    pred, mask = objective.predict(images, jax.random.key(1))
+    self.assertEqual(pred.shape, (2, 16, 4))
+    self.assertAlmostEqual(float(mask.mean()), 0.75)
+    # Masks come in blocks of the last stage's stride (2x2 tokens here).
+    blocks = np.asarray(mask).reshape(2, 2, 2, 2, 2).transpose(0, 1, 3, 2, 4).reshape(2, 4, 4)
+    self.assertTrue(np.all(blocks.min(-1) == blocks.max(-1)))
+    # The mask depends on the rng only, and predictions on visible pixels only:
+    # changing the pixels of a masked block leaves every prediction unchanged.
+    block = int(np.argmax(blocks[0, :, 0]))  # a masked 4x4-pixel block of example 0
+    r, c = divmod(block, 2)
+    changed = images.at[0, 4 * r:4 * r + 4, 4 * c:4 * c + 4].add(5.0)
+    pred2, mask2 = objective.predict(changed, jax.random.key(1))
+    np.testing.assert_array_equal(mask, mask2)
+    np.testing.assert_allclose(pred, pred2, atol=1e-5)
+    loss, _ = objective.loss({"image": images}, rng=jax.random.key(1), train=True)
+    self.assertTrue(np.isfinite(float(loss)))
+
   def test_clip_temperature_is_learned_and_clipped(self):
     config = smoke_config("clip")
     objective = build(config)
@@ -235,6 +275,8 @@ class ObjectiveStateTest(absltest.TestCase):
     objective.log_scale[...] = jnp.asarray(10.0)
     _, metrics = objective.pair_loss(jnp.eye(3), jnp.eye(3))
     self.assertAlmostEqual(float(metrics["scale"]), 100.0, places=3)
+    objective.after_update(jnp.asarray(0))  # the parameter itself is clamped
+    self.assertAlmostEqual(float(objective.log_scale[...]), np.log(100.0), places=5)
     siglip = build(smoke_config("siglip"))
     self.assertAlmostEqual(float(jnp.exp(siglip.log_t[...])), 10.0, places=4)
     self.assertAlmostEqual(float(siglip.bias[...]), -10.0)
@@ -255,6 +297,10 @@ class BadInputTest(parameterized.TestCase):
                                                 embed_dim=16, depths=(1,), num_heads=(2,),
                                                 window_size=4, image_size=8, channels=1)},
        "objective 'ibot' masks patch tokens"),
+      ("siglip_with_accumulation", "siglip", {"optim.grad_accum_steps": 2},
+       "grad_accum_steps=2 with objective 'siglip'"),
+      ("dino_with_accumulation", "dino", {"optim.grad_accum_steps": 2},
+       "grad_accum_steps=2 with objective 'dino'"),
       ("clip_text_typo", "clip", {"objective.text": dict(widht=16)},
        "config.objective.text.widht is not a field of the text tower"),
   )

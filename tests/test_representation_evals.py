@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 import ml_collections
 
+from big_vision_like.evaluators import common
 from big_vision_like import configuration
 from big_vision_like import data
 from big_vision_like import train
@@ -111,6 +112,16 @@ def numpy_knn(train_x, train_y, test_x, k, temperature, num_classes):
 DIGITS = {"source": "digits", "transforms": [{"name": "normalize"}]}
 
 
+class SortedByClass:
+  """1,000 examples sorted by label, like an image folder."""
+
+  def __len__(self):
+    return 1000
+
+  def __getitem__(self, i):
+    return {"label": i // 100}
+
+
 class KnnTest(parameterized.TestCase):
 
   @parameterized.parameters((20, 0.07, None), (5, 0.5, 300))
@@ -122,7 +133,9 @@ class KnnTest(parameterized.TestCase):
       metrics = evaluator.run(*split_state(toy))
     train_x, train_y = digits_pixels("train")
     test_x, test_y = digits_pixels("test")
-    train_x, train_y = train_x[:max_train], train_y[:max_train]
+    if max_train:  # the evaluator's seeded subset, in source order
+      keep = np.sort(np.random.default_rng(0).permutation(len(train_y))[:max_train])
+      train_x, train_y = train_x[keep], train_y[keep]
     proj = np.asarray(toy.proj[...], np.float64) * 2.0
     predicted = numpy_knn(train_x @ proj, train_y, test_x @ proj, k, temperature, 10)
     accuracy = np.mean(predicted[:, 0] == test_y)
@@ -131,6 +144,13 @@ class KnnTest(parameterized.TestCase):
     self.assertAlmostEqual(metrics["accuracy"], accuracy, places=6)
     self.assertAlmostEqual(metrics["top5_accuracy"], top5, places=6)
     self.assertGreater(metrics["accuracy"], 0.9)
+
+  def test_subset_keeps_every_class_of_a_class_sorted_source(self):
+    source = common.Subset(SortedByClass(), 50)
+    labels = [source[i]["label"] for i in range(len(source))]
+    self.assertLen(labels, 50)
+    self.assertEqual(sorted(set(labels)), list(range(10)))
+    self.assertEqual(labels, sorted(labels))  # still in source order
 
   def test_bad_k(self):
     with self.assertRaisesRegex(ConfigError, r"^config.evals.t.k=0 must be >= 1$"):

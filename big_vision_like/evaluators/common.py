@@ -6,7 +6,6 @@ function, drop the padding, keep numpy".
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
@@ -23,17 +22,27 @@ from big_vision_like.registry import ConfigError
 SIMILARITY_BUDGET = 2 ** 27
 
 
-@dataclasses.dataclass
-class Head:
-  """The first `n` examples of a source (e.g. a train subset for a fast probe)."""
-  source: Any
-  n: int
+class Subset:
+  """A fixed random subset of `n` examples (seed 0), in source order.
+
+  Sources are often sorted by class (image folders), so the first n examples
+  could miss most classes; a seeded sample keeps every class in proportion.
+  """
+
+  def __init__(self, source: Any, n: int):
+    self.source = source
+    if n >= len(source):
+      self.indices = np.arange(len(source))
+    else:
+      self.indices = np.sort(np.random.default_rng(0).permutation(len(source))[:n])
+    self.num_classes = getattr(source, "num_classes", 0)
+    self.classes = getattr(source, "classes", ())
 
   def __len__(self):
-    return min(self.n, len(self.source))
+    return len(self.indices)
 
   def __getitem__(self, i):
-    return self.source[i]
+    return self.source[int(self.indices[i])]
 
 
 def split_config(data_config, split: str) -> ml_collections.ConfigDict:
@@ -50,7 +59,7 @@ def build_train_source(data_config, field: str, train_split: str,
   if max_train_examples is not None:
     if int(max_train_examples) < 1:
       raise ConfigError(f"{field}.max_train_examples={max_train_examples!r} must be >= 1")
-    source = Head(source, int(max_train_examples))
+    source = Subset(source, int(max_train_examples))
   return source
 
 

@@ -56,6 +56,18 @@ def ema_update(teacher: nnx.Module, student: nnx.Module, momentum: jax.Array) ->
   """teacher <- momentum * teacher + (1 - momentum) * student, leaf by leaf."""
   student_params = nnx.state(student, nnx.Param)
   teacher_params = nnx.state(teacher, nnx.Param)
-  new = jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s.astype(t.dtype),
-                     teacher_params, student_params)
+  new = jax.tree.map(
+      lambda t, s: (momentum * t + (1.0 - momentum) * s).astype(t.dtype),
+      teacher_params, student_params)
   nnx.update(teacher, new)
+
+
+def no_accumulation(config, objective: str, why: str) -> None:
+  """Objectives whose loss couples the examples of a batch can't be split into
+  microbatches without changing what they compute."""
+  if int(config.optim.grad_accum_steps) > 1:
+    from big_vision_like.registry import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(
+        f"config.optim.grad_accum_steps={config.optim.grad_accum_steps} with objective "
+        f"{objective!r}: its loss uses the whole batch ({why}), so microbatches would "
+        f"change it; use a smaller config.input.batch_size or more devices instead")

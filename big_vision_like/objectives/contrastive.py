@@ -19,26 +19,39 @@ from flax import nnx
 
 from big_vision_like.models import MODELS, layers
 from big_vision_like.models.text import TextTransformer
-from big_vision_like.objectives.base import Objective, normalize
+from big_vision_like.objectives.base import Objective, no_accumulation, normalize
 from big_vision_like.registry import ConfigError, check_kwargs
 
 
-def clip_loss(image_emb: jax.Array, text_emb: jax.Array, log_scale: jax.Array) -> jax.Array:
-  """Symmetric InfoNCE: image i's positive is text i, every other text a negative."""
+def clip_loss(image_emb: jax.Array, text_emb: jax.Array, log_scale: jax.Array,
+              positives: jax.Array | None = None) -> jax.Array:
+  """Symmetric InfoNCE: image i's positive is text i, every other text a negative.
+
+  `positives` [B, B] (boolean, diagonal set) spreads the target over several
+  positives, e.g. every caption of the same class.
+  """
   logits = jnp.exp(log_scale) * image_emb @ text_emb.T
-  labels = jnp.arange(logits.shape[0])
-  return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-                + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+  if positives is None:
+    labels = jnp.arange(logits.shape[0])
+    return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+                  + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
+  targets = positives / positives.sum(-1, keepdims=True)
+  targets_t = positives.T / positives.T.sum(-1, keepdims=True)
+  return 0.5 * (optax.softmax_cross_entropy(logits, targets).mean()
+                + optax.softmax_cross_entropy(logits.T, targets_t).mean())
 
 
 def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, log_t: jax.Array,
-                bias: jax.Array) -> jax.Array:
+                bias: jax.Array, positives: jax.Array | None = None) -> jax.Array:
   """Pairwise sigmoid loss: every (image, text) pair is its own binary problem.
 
-  Summed over texts, averaged over images (Zhai et al. 2023).
+  Summed over texts, averaged over images (Zhai et al. 2023). `positives`
+  [B, B] marks the pairs labelled +1 (the diagonal by default).
   """
   logits = jnp.exp(log_t) * image_emb @ text_emb.T + bias
-  labels = 2.0 * jnp.eye(logits.shape[0]) - 1.0
+  if positives is None:
+    positives = jnp.eye(logits.shape[0], dtype=bool)
+  labels = 2.0 * positives - 1.0
   return -jax.nn.log_sigmoid(labels * logits).sum(-1).mean()
 
 
@@ -57,11 +70,15 @@ class TwoTower(Objective):
 
   def __init__(self, config: Any, *, text: dict | None = None, embed_dim: int = 0,
                image_projection: bool = True, text_projection_bias: bool = False,
-               rngs: nnx.Rngs):
+               same_label_positives: bool = False, rngs: nnx.Rngs):
     """`embed_dim=0` uses the image tower's width; `image_projection=False`
-    uses the pooled image features as the embedding (SigLIP's MAP head output)."""
+    uses the pooled image features as the embedding (SigLIP's MAP head output).
+    `same_label_positives`: with class-name captions, pairs of the same label
+    are positives rather than negatives (needs batch['label'])."""
     from big_vision_like.data.tokenizers import build_tokenizer  # pylint: disable=g-import-not-at-top
     _needs_text(config, self.name)
+    no_accumulation(config, self.name, "every other example is a negative")
+    self.same_label_positives = same_label_positives
     model = dict(config.model)
     if model.get("num_classes"):
       raise ConfigError(f"config.model.num_classes must be 0 for {self.name!r}: the image "
@@ -93,7 +110,7 @@ class TwoTower(Objective):
   def embed_text(self, tokens):
     return normalize(self.text_proj(self.text_tower(tokens)[0]))
 
-  def pair_loss(self, image_emb, text_emb):
+  def pair_loss(self, image_emb, text_emb, positives=None):
     raise NotImplementedError
 
   def loss(self, batch, *, rng, train):
@@ -102,7 +119,13 @@ class TwoTower(Objective):
                         f"{sorted(batch)}")
     image_emb = self.embed_image(batch["image"], train=train, rng=rng)
     text_emb = self.embed_text(batch["text"])
-    loss, metrics = self.pair_loss(image_emb, text_emb)
+    positives = None
+    if self.same_label_positives:
+      if "label" not in batch:
+        raise ConfigError(f"config.objective.same_label_positives needs batch['label']; "
+                          f"the batch has {sorted(batch)}")
+      positives = batch["label"][:, None] == batch["label"][None, :]
+    loss, metrics = self.pair_loss(image_emb, text_emb, positives)
     sims = image_emb @ text_emb.T
     # Retrieval within the batch; duplicate captions (class names) make it an
     # underestimate, not a bug.
@@ -122,9 +145,14 @@ class Clip(TwoTower):
     self.log_scale = nnx.Param(jnp.asarray(math.log(1.0 / temperature), jnp.float32))
     self.max_log_scale = math.log(max_scale)
 
-  def pair_loss(self, image_emb, text_emb):
+  def pair_loss(self, image_emb, text_emb, positives=None):
     log_scale = jnp.minimum(self.log_scale[...], self.max_log_scale)
-    return clip_loss(image_emb, text_emb, log_scale), {"scale": jnp.exp(log_scale)}
+    return (clip_loss(image_emb, text_emb, log_scale, positives),
+            {"scale": jnp.exp(log_scale)})
+
+  def after_update(self, step):
+    # Clamp the parameter itself (as CLIP does) so it can come back below the cap.
+    self.log_scale[...] = jnp.minimum(self.log_scale[...], self.max_log_scale)
 
 
 class Siglip(TwoTower):
@@ -137,6 +165,6 @@ class Siglip(TwoTower):
     self.log_t = nnx.Param(jnp.asarray(math.log(init_temperature), jnp.float32))
     self.bias = nnx.Param(jnp.asarray(init_bias, jnp.float32))
 
-  def pair_loss(self, image_emb, text_emb):
-    loss = siglip_loss(image_emb, text_emb, self.log_t[...], self.bias[...])
+  def pair_loss(self, image_emb, text_emb, positives=None):
+    loss = siglip_loss(image_emb, text_emb, self.log_t[...], self.bias[...], positives)
     return loss, {"temperature": jnp.exp(self.log_t[...]), "bias": self.bias[...]}

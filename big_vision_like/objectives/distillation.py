@@ -23,7 +23,8 @@ from flax import nnx
 from big_vision_like.models import MODELS, layers
 from big_vision_like.models.swin import Swin
 from big_vision_like.models.vit import ViT
-from big_vision_like.objectives.base import Objective, ema_update, normalize
+from big_vision_like.objectives.base import Objective, ema_update, no_accumulation as \
+    _no_accumulation, normalize
 from big_vision_like.registry import ConfigError
 
 
@@ -52,7 +53,8 @@ class DinoHead(nnx.Module):
     v = jnp.where(freeze_last, jax.lax.stop_gradient(v), v)
     w = v / jnp.maximum(jnp.linalg.norm(v, axis=0, keepdims=True), 1e-12)
     if self.last_g is not None:
-      w = w * self.last_g[...]
+      g = self.last_g[...]
+      w = w * jnp.where(freeze_last, jax.lax.stop_gradient(g), g)
     return x @ w
 
 
@@ -78,7 +80,9 @@ def koleo(features: jax.Array, eps: float = 1e-8) -> jax.Array:
   x = normalize(features)
   sims = x @ x.T - 2.0 * jnp.eye(x.shape[0])
   nearest = x[sims.argmax(1)]
-  return -jnp.log(jnp.linalg.norm(x - nearest, axis=-1) + eps).mean()
+  # eps inside the square root: identical neighbours give a finite gradient.
+  distance = jnp.sqrt(jnp.sum((x - nearest) ** 2, axis=-1) + eps ** 2)
+  return -jnp.log(distance).mean()
 
 
 def cosine_momentum(step: jax.Array, total: int, base: float) -> jax.Array:
@@ -132,6 +136,7 @@ class Distillation(Objective):
     if model.get("num_classes"):
       raise ConfigError(f"config.model.num_classes must be 0 for {self.name!r} "
                         f"(the DINO head replaces the classifier)")
+    _no_accumulation(config, self.name, "its centre and teacher statistics")
     backbone = MODELS.build(name, model, field="config.model", rngs=rngs)
     if self.masked_patches and not isinstance(backbone, ViT):
       raise ConfigError(f"objective 'ibot' masks patch tokens: it needs "
@@ -246,7 +251,7 @@ class Distillation(Objective):
         self._update_center(self.patch_center, t_patch)
     if self.koleo_weight:
       feats = s_out["pre_logits"].reshape(b, n_global, -1)
-      reg = sum(koleo(feats[:, i]) for i in range(n_global)) / n_global
+      reg = sum(koleo(feats[:, i]) for i in range(n_global))  # summed, as DINOv2
       loss = loss + self.koleo_weight * reg
       metrics["koleo"] = reg
     if train:

@@ -66,12 +66,19 @@ def random_masking(noise: jax.Array, mask_ratio: float):
   return ids_shuffle[:, :keep], mask, ids_restore
 
 
-def block_noise(rng: jax.Array, batch: int, grid: tuple[int, int], unit: int) -> jax.Array:
-  """Noise constant over unit x unit blocks of tokens, so masks come in blocks."""
-  coarse = jax.random.uniform(rng, (batch, -(-grid[0] // unit), -(-grid[1] // unit)))
-  fine = jnp.repeat(jnp.repeat(coarse, unit, 1), unit, 2)[:, :grid[0], :grid[1]]
-  # A tiny tie-breaker keeps the blocks intact but makes argsort well defined.
-  return fine.reshape(batch, -1) + 1e-6 * jnp.arange(grid[0] * grid[1]) / (grid[0] * grid[1])
+def block_grid(grid: tuple[int, int], unit: int) -> tuple[int, int]:
+  return -(-grid[0] // unit), -(-grid[1] // unit)
+
+
+def block_mask(rng: jax.Array, batch: int, grid: tuple[int, int], unit: int,
+               mask_ratio: float) -> jax.Array:
+  """[B, N] token mask made of whole unit x unit blocks (SimMIM's mask patches)."""
+  coarse = block_grid(grid, unit)
+  _, mask, _ = random_masking(jax.random.uniform(rng, (batch, coarse[0] * coarse[1])),
+                              mask_ratio)
+  mask = mask.reshape(batch, *coarse)
+  fine = jnp.repeat(jnp.repeat(mask, unit, 1), unit, 2)[:, :grid[0], :grid[1]]
+  return fine.reshape(batch, -1)
 
 
 class MaeDecoder(nnx.Module):
@@ -144,6 +151,12 @@ class MaskedImageModeling(Objective):
     else:
       self.stride = self.patch * 2 ** (len(self.encoder.widths) - 1)
       self.mask_unit = mask_unit or self.stride // self.patch
+      blocks = block_grid(self.grid, self.mask_unit)
+      if blocks[0] * blocks[1] < 4:
+        raise ConfigError(
+            f"objective 'mae' on Swin masks blocks of {self.mask_unit}x{self.mask_unit} "
+            f"tokens, but the {self.grid[0]}x{self.grid[1]} token grid holds only "
+            f"{blocks[0] * blocks[1]}; set a smaller config.objective.mask_unit")
       self.mask_token = nnx.Param(jnp.zeros((self.encoder.widths[0],)))
       self.decoder = layers.dense(self.encoder.width, self.stride ** 2 * channels,
                                   ("embed", None), rngs=rngs)
@@ -163,8 +176,7 @@ class MaskedImageModeling(Objective):
 
   # -- Swin: mask tokens ----------------------------------------------------
 
-  def _simmim(self, images, noise, *, train, rng):
-    _, mask, _ = random_masking(noise, self.mask_ratio)
+  def _simmim(self, images, mask, *, train, rng):
     _, out = self.encoder(images, train=train, rng=rng, token_mask=mask > 0,
                           mask_token=self.mask_token[...])
     feature = out["tokens"]  # [B, (H/stride)*(W/stride), C]
@@ -177,11 +189,13 @@ class MaskedImageModeling(Objective):
     """(predicted patches [B, N, p*p*C], mask [B, N] with 1 = masked)."""
     k_mask, k_model = jax.random.split(rng)
     b = images.shape[0]
-    if noise is None:
-      noise = (jax.random.uniform(k_mask, (b, int(np.prod(self.grid))))
-               if self.mask_token is None else block_noise(k_mask, b, self.grid, self.mask_unit))
-    run = self._mae if self.mask_token is None else self._simmim
-    return run(images, noise, train=train, rng=k_model)
+    if self.mask_token is None:  # MAE
+      if noise is None:
+        noise = jax.random.uniform(k_mask, (b, int(np.prod(self.grid))))
+      return self._mae(images, noise, train=train, rng=k_model)
+    mask = (block_mask(k_mask, b, self.grid, self.mask_unit, self.mask_ratio)
+            if noise is None else random_masking(noise, self.mask_ratio)[1])
+    return self._simmim(images, mask, train=train, rng=k_model)
 
   def loss(self, batch, *, rng, train):
     images = batch["image"]
