@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
@@ -311,6 +312,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ckpt.close()
       if hasattr(iterator, "close"):
         iterator.close()
+
+
+def load_trained(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
+  """(objective, step): a run's checkpoint (newest by default) as a live objective,
+  with the EMA parameters if the run kept them. For notebooks and tools; reads only."""
+  configuration.validate(config)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  directory = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
+      if os.path.isdir(directory) else []
+  if not steps:
+    raise ConfigError(f"no checkpoint in {directory}")
+  step = steps[-1] if step is None else step
+  with jax.set_mesh(mesh):
+    trainer = Trainer(config, mesh, steps_per_epoch=1)  # shapes don't depend on it
+    with ocp.StandardCheckpointer() as reader:
+      state = reader.restore(os.path.join(directory, str(step), "state"),
+                             trainer.abstract_state)
+    return nnx.merge(trainer.graphdef, *trainer.eval_state(state)), step
 
 
 def _check_finite(state, ckpt) -> None:

@@ -40,6 +40,13 @@ class TrainInProcessTest(absltest.TestCase):
     self.assertTrue(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")))
     self.assertTrue(os.path.exists(os.path.join(workdir, "config.json")))
     self.assertEqual(sorted(os.listdir(os.path.join(workdir, "checkpoints"))), ["20", "40"])
+    # Running the finished run again evaluates its final state again.
+    self.assertEqual(train.train_and_evaluate(config, workdir), final)
+    objective, step = train.load_trained(config, workdir)
+    self.assertEqual(step, 40)
+    _, saved = helpers.restore_params(workdir, 40)
+    np.testing.assert_array_equal(objective.encoder.head.kernel[...],
+                                  saved["encoder"]["head"]["kernel"]["value"])
 
   def test_gradient_accumulation_equals_full_batch(self):
     """One step on 16 examples = 4 accumulated microbatches of 4 (no randomness)."""
