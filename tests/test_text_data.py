@@ -257,9 +257,18 @@ class ContextTest(absltest.TestCase):
 
   def test_missing_context_is_a_config_error(self):
     c = cfg(transforms=[{"name": "class_caption"}])
+    digits = data.build_source(c, "c")
+
+    class Unnamed:  # labels without class names
+      def __len__(self):
+        return len(digits)
+
+      def __getitem__(self, i):
+        return digits[i]
+
     with self.assertRaisesRegex(ConfigError, r"c.transforms\[0\]: transform 'class_caption' "
                                 r"needs class names, but the data source has none"):
-      data.train_dataset(c, data.build_source(c, "c"), seed=0, field="c")
+      data.train_dataset(c, Unnamed(), seed=0, field="c")
     c = cfg(tokenizer=None, transforms=[{"name": "normalize"}, {"name": "tokenize"}])
     with self.assertRaisesRegex(ConfigError, r"c.transforms\[1\]: transform 'tokenize' "
                                 r"needs a tokenizer: set c.tokenizer"):
