@@ -334,10 +334,14 @@ class ResumeTest(parameterized.TestCase):
     config.evals = {}  # evaluators are tested elsewhere; this is about the state
     straight = self.create_tempdir().full_path
     train.train_and_evaluate(config, straight)
-    resumed = self.create_tempdir().full_path
-    train.train_and_evaluate(config, resumed)
-    shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))  # as if killed after step 3
-    train.train_and_evaluate(config, resumed)
+    # What a run killed after its step-3 checkpoint leaves behind.
+    resumed = os.path.join(self.create_tempdir().full_path, "run")
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
+    with self.assertLogs(level="INFO") as logs:
+      train.train_and_evaluate(config, resumed)
+    self.assertTrue(any("Resumed from" in m and "at step 3 of 6" in m for m in logs.output),
+                    logs.output[:5])
     a, b = read_state(straight, 6), read_state(resumed, 6)
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     self.assertLen(leaves_b, len(leaves_a))
