@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from big_vision_like import data
@@ -138,3 +139,31 @@ def topk_metrics(predicted: np.ndarray, labels: np.ndarray, ks: Sequence[int],
     hit = (predicted[:, :k] == labels[:, None]).any(1)
     out["accuracy" if k == 1 else f"top{k}_accuracy"] = float(hit.mean())
   return out
+
+
+class FrozenFeatures:
+  """Base of the evaluators that fit on frozen `objective.features` of a train
+  split and score the evaluator's split (kNN, linear probe)."""
+
+  def __init__(self, data_config, *, mesh, field: str, train_split: str,
+               max_train_examples: int | None):
+    self.data_config, self.mesh, self.field = data_config, mesh, field
+    self.source = data.build_source(data_config, field)
+    self.train_source = build_train_source(data_config, field, train_split,
+                                           max_train_examples)
+    self.train_config = split_config(data_config, train_split)
+    self._features = None
+
+  def train_and_test(self, graphdef, state) -> tuple[dict, dict, int]:
+    """Features (float32) and labels of both splits, and the number of classes."""
+    if self._features is None:
+      def features(state, batch):
+        objective = nnx.merge(graphdef, *state)
+        return {"features": objective.features(batch["image"]).astype(jnp.float32),
+                "label": batch["label"]}
+      self._features = jax.jit(features)
+    train, test = (map_split(self._features, state, config, source, self.field, self.mesh,
+                             ("image", "label"))
+                   for config, source in ((self.train_config, self.train_source),
+                                          (self.data_config, self.source)))
+    return train, test, num_classes(self.source, train["label"], test["label"])

@@ -12,34 +12,23 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from big_vision_like import data
 from big_vision_like.evaluators import common
 from big_vision_like.registry import ConfigError
-
-
-def feature_fn(graphdef):
-  """Jitted (state, batch) -> normalised `objective.features` and labels."""
-  def features(state, batch):
-    objective = nnx.merge(graphdef, *state)
-    return {"features": common.l2_normalize(objective.features(batch["image"])),
-            "label": batch["label"]}
-  return jax.jit(features)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "num_classes", "topk"))
 def knn_ranking(queries, keys, key_labels, *, k: int, temperature: float,
                 num_classes: int, topk: int):
   """[rows, topk] classes ranked by summed exp(sim / T) over the k nearest keys."""
-  sims = queries @ keys.T
+  sims = common.l2_normalize(queries) @ keys.T  # keys come normalised
   top_sims, top_idx = jax.lax.top_k(sims, k)
   weights = jnp.exp(top_sims / temperature)
   votes = (jax.nn.one_hot(key_labels[top_idx], num_classes) * weights[..., None]).sum(1)
   return jax.lax.top_k(votes, topk)[1]
 
 
-class KNN:
+class KNN(common.FrozenFeatures):
   """k-NN accuracy of `objective.features` on a split, fitting on `train_split`."""
 
   def __init__(self, data_config, *, mesh, field: str, k: int = 20,
@@ -49,25 +38,14 @@ class KNN:
       raise ConfigError(f"{field}.k={k!r} must be >= 1")
     if not float(temperature) > 0:
       raise ConfigError(f"{field}.temperature={temperature!r} must be > 0")
-    self.data_config, self.mesh, self.field = data_config, mesh, field
+    super().__init__(data_config, mesh=mesh, field=field, train_split=train_split,
+                     max_train_examples=max_train_examples)
     self.k, self.temperature = int(k), float(temperature)
-    self.source = data.build_source(data_config, field)
-    self.train_source = common.build_train_source(data_config, field, train_split,
-                                                  max_train_examples)
-    self.train_config = common.split_config(data_config, train_split)
-    self._features = None
-
-  def _extract(self, state, config, source):
-    return common.map_split(self._features, state, config, source, self.field,
-                            self.mesh, ("image", "label"))
 
   def run(self, graphdef, state) -> dict[str, float]:
-    if self._features is None:
-      self._features = feature_fn(graphdef)
-    train = self._extract(state, self.train_config, self.train_source)
-    test = self._extract(state, self.data_config, self.source)
-    classes = common.num_classes(self.source, train["label"], test["label"])
-    keys, key_labels = jnp.asarray(train["features"]), jnp.asarray(train["label"])
+    train, test, classes = self.train_and_test(graphdef, state)
+    keys = common.l2_normalize(jnp.asarray(train["features"]))
+    key_labels = jnp.asarray(train["label"])
     topk = min(5, classes)
     rank = functools.partial(knn_ranking, keys=keys, key_labels=key_labels,
                              k=min(self.k, len(keys)), temperature=self.temperature,

@@ -13,22 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
-from big_vision_like import data
 from big_vision_like.evaluators import common
 from big_vision_like.registry import ConfigError
 
 OPTIMIZERS = ("lbfgs", "adam")
-
-
-def feature_fn(graphdef):
-  """Jitted (state, batch) -> raw `objective.features` (float32) and labels."""
-  def features(state, batch):
-    objective = nnx.merge(graphdef, *state)
-    return {"features": objective.features(batch["image"]).astype(jnp.float32),
-            "label": batch["label"]}
-  return jax.jit(features)
 
 
 def standardize(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +61,7 @@ def predict(params, x: np.ndarray) -> np.ndarray:
   return np.asarray(jnp.argmax(jnp.asarray(x) @ params["w"] + params["b"], -1))
 
 
-class LinearProbe:
+class LinearProbe(common.FrozenFeatures):
   """Test accuracy of a logistic regression fit on `train_split` features.
 
   `lr` is Adam's peak rate; L-BFGS picks its steps by line search.
@@ -85,26 +74,14 @@ class LinearProbe:
       raise ConfigError(f"{field}.optimizer={optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if int(steps) < 1:
       raise ConfigError(f"{field}.steps={steps!r} must be >= 1")
-    self.data_config, self.mesh, self.field = data_config, mesh, field
+    super().__init__(data_config, mesh=mesh, field=field, train_split=train_split,
+                     max_train_examples=max_train_examples)
     self.steps, self.lr, self.weight_decay = int(steps), float(lr), float(weight_decay)
     self.optimizer = optimizer
-    self.source = data.build_source(data_config, field)
-    self.train_source = common.build_train_source(data_config, field, train_split,
-                                                  max_train_examples)
-    self.train_config = common.split_config(data_config, train_split)
-    self._features = None
-
-  def _extract(self, state, config, source):
-    return common.map_split(self._features, state, config, source, self.field,
-                            self.mesh, ("image", "label"))
 
   def run(self, graphdef, state) -> dict[str, float]:
-    if self._features is None:
-      self._features = feature_fn(graphdef)
-    train = self._extract(state, self.train_config, self.train_source)
-    test = self._extract(state, self.data_config, self.source)
+    train, test, classes = self.train_and_test(graphdef, state)
     x_train, x_test = standardize(train["features"], test["features"])
-    classes = common.num_classes(self.source, train["label"], test["label"])
     params = fit(jnp.asarray(x_train), jnp.asarray(train["label"]), num_classes=classes,
                  steps=self.steps, lr=self.lr, weight_decay=self.weight_decay,
                  optimizer=self.optimizer)
