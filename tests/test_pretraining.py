@@ -301,6 +301,9 @@ class BadInputTest(parameterized.TestCase):
        "grad_accum_steps=2 with objective 'siglip'"),
       ("dino_with_accumulation", "dino", {"optim.grad_accum_steps": 2},
        "grad_accum_steps=2 with objective 'dino'"),
+      ("clip_field_typo", "clip", {"objective.temprature": 0.1},
+       "config.objective.temprature is not a field of objective 'clip'; valid fields: "
+       "temperature, max_scale, text, embed_dim"),
       ("clip_text_typo", "clip", {"objective.text": dict(widht=16)},
        "config.objective.text.widht is not a field of the text tower"),
   )
