@@ -2,15 +2,30 @@
 
 Any config field can be overridden, e.g. --config.total_steps=100. Running the
 same command again resumes from the newest checkpoint in the workdir.
+
+Multi-process: run the same command in every process with
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I (or the
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables, or
+--distributed on SLURM / Open MPI / Cloud TPU, where JAX detects them).
 """
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (file.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
 flags.mark_flags_as_required(["config", "workdir"])
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for a multi-process run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Start the distributed runtime with the cluster's own settings.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", 60,
+    "A process silent this long counts as dead; the others stop with an error.")
 
 
 def _parse_flags(argv):
@@ -35,16 +50,23 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from big_vision_like import train  # pylint: disable=g-import-not-at-top
+  from big_vision_like.parallel import distributed  # pylint: disable=g-import-not-at-top
   from big_vision_like.registry import ConfigError  # pylint: disable=g-import-not-at-top
   try:
+    if distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                              auto=_DISTRIBUTED.value,
+                              heartbeat_timeout_seconds=_HEARTBEAT.value):
+      if jax.process_index() > 0:  # process 0 speaks for the run
+        logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     metrics = train.train_and_evaluate(config, _WORKDIR.value)
   except (ConfigError, train.NonFiniteLossError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  for key, value in sorted(metrics.items()):
-    print(f"final {key} = {value:.4f}")
+  if jax.process_index() == 0:
+    for key, value in sorted(metrics.items()):
+      print(f"final {key} = {value:.4f}")
 
 
 if __name__ == "__main__":

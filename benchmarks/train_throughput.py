@@ -63,7 +63,7 @@ def config_for(name: str):
 
 def measure(name: str) -> dict:
   config, size, channels, batch = config_for(name)
-  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(mesh_lib.config_axes(config))
   with jax.set_mesh(mesh):
     trainer = Trainer(config, mesh, steps_per_epoch=1000)
     rng = np.random.default_rng(0)

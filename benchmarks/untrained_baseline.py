@@ -27,7 +27,7 @@ def main(argv):
   if len(argv) > 2:
     keep = argv[2].split(",")
     config.evals = {k: v for k, v in config.evals.items() if k in keep}
-  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(mesh_lib.config_axes(config))
   with jax.set_mesh(mesh):
     trainer = train.Trainer(config, mesh, steps_per_epoch=1)
     state = trainer.init_state()

@@ -71,6 +71,11 @@ def defaults() -> ml_collections.ConfigDict:
   # name -> evaluator config; data fields default to config.input's.
   c.evals = ml_collections.ConfigDict()
 
+  # Device layout: config.parallelism names a preset ('dp', 'fsdp', 'tp',
+  # 'fsdp_tp', 'hybrid'; tensor axis of size tensor_parallel), or leave it unset
+  # and size the axes of config.mesh yourself.
+  c.parallelism = OPTIONAL_STR()
+  c.tensor_parallel = 2
   c.mesh = DEFAULT_MESH
   c.sharding_rules = DEFAULT_RULES
   return c

@@ -28,6 +28,7 @@ from big_vision_like import configuration, data, optim
 from big_vision_like.evaluators import EVALUATORS
 from big_vision_like.metrics import MetricWriter
 from big_vision_like.objectives import OBJECTIVES
+from big_vision_like.parallel import distributed
 from big_vision_like.parallel import mesh as mesh_lib
 from big_vision_like.parallel import sharding
 from big_vision_like.registry import ConfigError, check_kwargs
@@ -92,6 +93,8 @@ def build_evaluators(config, mesh) -> dict[str, Any]:
     check_kwargs(factory, own, field, what=f"evaluator {kind!r}",
                  skip=("data_config", "mesh", "field"))
     data_config.update({k: v for k, v in ev.items() if k not in own})
+    sharding.check_batch(data_config["batch_size"], mesh, config.sharding_rules,
+                         f"{field}.batch_size")
     evaluator = factory(ml_collections.ConfigDict(data_config), mesh=mesh, field=field, **own)
     evaluators[name] = (evaluator, int(every))
   return evaluators
@@ -105,6 +108,11 @@ class Trainer:
     self.rules = tuple(tuple(r) for r in config.sharding_rules)
     self.total_steps = resolve_steps(config, steps_per_epoch)
     self.accum = int(config.optim.grad_accum_steps)
+    sharding.check_rules(self.rules, mesh)
+    sharding.check_batch(config.input.batch_size, mesh, self.rules, "config.input.batch_size")
+    if self.accum > 1:
+      sharding.check_batch(config.input.batch_size // self.accum, mesh, self.rules,
+                           "config.input.batch_size / config.optim.grad_accum_steps")
 
     # Shape-first: build the objective abstractly, derive shardings from the
     # logical axis names, then create the real state directly sharded.
@@ -279,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
   configuration.validate(config)
   os.makedirs(workdir, exist_ok=True)
-  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(mesh_lib.config_axes(config))
   logging.info("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape),
                jax.device_count(), jax.devices()[0].platform, jax.process_count())
 
@@ -318,7 +326,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, step: int | No
   """(objective, step): a run's checkpoint (newest by default) as a live objective,
   with the EMA parameters if the run kept them. For notebooks and tools; reads only."""
   configuration.validate(config)
-  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(mesh_lib.config_axes(config))
   directory = os.path.join(workdir, "checkpoints")
   steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
       if os.path.isdir(directory) else []
@@ -344,6 +352,14 @@ def _check_finite(state, ckpt) -> None:
         f"or check the input data.")
 
 
+def _stop_requested(term: _Terminate, step: int, every: int) -> bool:
+  """SIGTERM seen here (one process) or by any process, agreed at log steps so that
+  every process saves the same checkpoint (saving is collective)."""
+  if jax.process_count() == 1:
+    return term.requested
+  return step % every == 0 and distributed.any_process(term.requested)
+
+
 def _loop(config, trainer, state, start, iterator, evaluators, ckpt, writer, mesh):
   total = trainer.total_steps
   batch_size = config.input.batch_size
@@ -360,7 +376,8 @@ def _loop(config, trainer, state, start, iterator, evaluators, ckpt, writer, mes
         mark_time, mark_step = first_step_time, step
 
       last = step == total
-      if step % config.log_every_steps == 0 or last or term.requested:
+      stop = _stop_requested(term, step, config.log_every_steps)
+      if step % config.log_every_steps == 0 or last or stop:
         metrics = jax.device_get(metrics)
         _check_finite(state, ckpt)
         now = time.perf_counter()
@@ -384,11 +401,11 @@ def _loop(config, trainer, state, start, iterator, evaluators, ckpt, writer, mes
         if last:
           final = results
 
-      if step % config.checkpoint_every_steps == 0 or last or term.requested:
+      if step % config.checkpoint_every_steps == 0 or last or stop:
         _check_finite(state, ckpt)
         ckpt.save(step, state, iterator)
       excluded += time.perf_counter() - pause
-      if term.requested:
+      if stop:
         ckpt.wait()
         logging.warning("SIGTERM: saved %s at step %d; run the same command to resume.",
                         ckpt.path(step), step)

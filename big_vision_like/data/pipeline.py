@@ -1,7 +1,7 @@
 """grain pipelines: an endless, resumable training iterator and one-pass eval batches.
 
-Training: source -> this process's shard -> shuffle (by seed, reshuffled each
-epoch) -> repeat -> transforms -> batch. Batching happens on the MapDataset, so
+Training: source -> shuffle (by seed, reshuffled each epoch) -> repeat ->
+transforms -> this process's rows of each global batch -> batch. Batching happens on the MapDataset, so
 batch i is the same whatever the number of worker processes, and the
 iterator's state (saved in checkpoints) is just a position.
 """
@@ -65,23 +65,45 @@ def preprocess(data: Any, source, field: str) -> Preprocess:
 
 
 def local_batch_size(global_batch: int, field: str) -> int:
+  """This process's share of the global batch (the trainer checks the mesh split)."""
   n = jax.process_count()
-  if global_batch % jax.device_count():
+  if global_batch % n:
     raise ConfigError(f"{field}.batch_size={global_batch} is not divisible by the "
-                      f"{jax.device_count()} devices")
+                      f"{n} processes")
   return global_batch // n
+
+
+@dataclasses.dataclass
+class _ProcessRows:
+  """This process's rows of each global batch of `ds` (read lazily, nothing else).
+
+  The global order (shuffle, augmentation seeds) is the same whatever the number
+  of processes, so 2 processes x 4 devices see the batches 1 x 8 sees.
+  """
+  ds: Any
+  global_batch: int
+  local_batch: int
+  process_index: int
+
+  def __len__(self):
+    return len(self.ds) // self.global_batch * self.local_batch
+
+  def __getitem__(self, i):
+    batch, row = divmod(i, self.local_batch)
+    return self.ds[batch * self.global_batch + self.process_index * self.local_batch + row]
 
 
 def train_dataset(data: Any, source, seed: int, field: str = "config.input"):
   """An infinite MapDataset of this process's training batches."""
   batch = local_batch_size(data.batch_size, field)
-  ds = grain.MapDataset.source(source)
-  ds = ds[jax.process_index()::jax.process_count()]
-  if len(ds) < batch:
+  if len(source) < data.batch_size:
     raise ConfigError(f"{field}.batch_size={data.batch_size} is larger than the "
-                      f"{len(ds)} training examples of this process")
-  ds = ds.seed(seed).shuffle().repeat()
+                      f"{len(source)} training examples")
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   ds = ds.random_map(preprocess(data, source, field))
+  if jax.process_count() > 1:
+    ds = grain.MapDataset.source(
+        _ProcessRows(ds, data.batch_size, batch, jax.process_index()))
   return ds.batch(batch, drop_remainder=True)
 
 

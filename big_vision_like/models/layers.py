@@ -72,7 +72,10 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
                bias: jax.Array | None = None, mask: jax.Array | None = None):
     kv = x if kv is None else kv
-    split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, -1))
+    # [..., seq, heads, head_dim], heads split over the tensor axis.
+    split = lambda t: sharding.constrain(
+        t.reshape(t.shape[:-1] + (self.num_heads, -1)),
+        ("batch",) + (None,) * (t.ndim - 2) + ("act_heads", None))
     q, k, v = split(self.query(x)), split(self.key(kv)), split(self.value(kv))
     out = ops.dot_product_attention(q, k, v, bias=bias, mask=mask,
                                     implementation=self.implementation)

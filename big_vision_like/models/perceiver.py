@@ -20,6 +20,7 @@ from flax import nnx
 
 from big_vision_like import ops
 from big_vision_like.models import layers
+from big_vision_like.parallel import sharding
 from big_vision_like.registry import ConfigError
 
 
@@ -73,7 +74,8 @@ class PerceiverLayer(nnx.Module):
     out = self.out(out.reshape(out.shape[:-2] + (-1,)))
     if self.query_residual:
       out = out + x
-    return out + self.mlp(self.norm_mlp(out))
+    out = out + self.mlp(self.norm_mlp(out))
+    return sharding.constrain(out, ("batch", None, "act_embed"))
 
 
 class Perceiver(nnx.Module):

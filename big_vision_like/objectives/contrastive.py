@@ -3,9 +3,10 @@
 Two towers: the image backbone named by config.model and a text transformer
 (config.objective.text), each projected to a shared space and L2-normalised.
 The batch carries 'image' and 'text' (int32 tokens from the 'tokenize'
-transform). The losses are pure functions of the *global* batch's embeddings:
-under jit XLA gathers the sharded embeddings; the shard_map versions for large
-meshes take the same arguments.
+transform). The losses are pure functions of the *global* batch's embeddings.
+When the batch is split over devices the objectives use the shard_map versions
+in `contrastive_distributed.py` (all-gather for CLIP, a ring of text chunks for
+SigLIP), which give the same loss and gradients without a B x B matrix.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from flax import nnx
 
 from big_vision_like.models import MODELS, layers
 from big_vision_like.models.text import TextTransformer
+from big_vision_like.objectives import contrastive_distributed as distributed
 from big_vision_like.objectives.base import Objective, no_accumulation, normalize
+from big_vision_like.parallel import sharding
 from big_vision_like.registry import ConfigError, check_kwargs
 
 
@@ -70,15 +73,19 @@ class TwoTower(Objective):
 
   def __init__(self, config: Any, *, text: dict | None = None, embed_dim: int = 0,
                image_projection: bool = True, text_projection_bias: bool = False,
-               same_label_positives: bool = False, rngs: nnx.Rngs):
+               same_label_positives: bool = False, distributed_loss: bool = True,
+               rngs: nnx.Rngs):
     """`embed_dim=0` uses the image tower's width; `image_projection=False`
     uses the pooled image features as the embedding (SigLIP's MAP head output).
     `same_label_positives`: with class-name captions, pairs of the same label
-    are positives rather than negatives (needs batch['label'])."""
+    are positives rather than negatives (needs batch['label']).
+    `distributed_loss`: with the batch split over devices, compute the loss
+    with shard_map (False: the dense loss, XLA lays out the B x B logits)."""
     from big_vision_like.data.tokenizers import build_tokenizer  # pylint: disable=g-import-not-at-top
     _needs_text(config, self.name)
     no_accumulation(config, self.name, "every other example is a negative")
     self.same_label_positives = same_label_positives
+    self.distributed_loss = distributed_loss
     model = dict(config.model)
     if model.get("num_classes"):
       raise ConfigError(f"config.model.num_classes must be 0 for {self.name!r}: the image "
@@ -110,8 +117,17 @@ class TwoTower(Objective):
   def embed_text(self, tokens):
     return normalize(self.text_proj(self.text_tower(tokens)[0]))
 
-  def pair_loss(self, image_emb, text_emb, positives=None):
+  def pair_loss(self, image_emb, text_emb, labels=None):
+    """(loss, metrics) with 'i2t_accuracy' and 't2i_accuracy' among the metrics."""
     raise NotImplementedError
+
+  def loss_axes(self) -> tuple[str, ...]:
+    """The mesh axes the batch is split over when tracing under a mesh, if the
+    shard_map loss is on; () means the dense loss."""
+    if not self.distributed_loss:
+      return ()
+    mesh = jax.sharding.get_abstract_mesh()
+    return () if mesh.empty else sharding.batch_axes(mesh)
 
   def loss(self, batch, *, rng, train):
     if "text" not in batch:
@@ -119,20 +135,28 @@ class TwoTower(Objective):
                         f"{sorted(batch)}")
     image_emb = self.embed_image(batch["image"], train=train, rng=rng)
     text_emb = self.embed_text(batch["text"])
-    positives = None
+    labels = None
     if self.same_label_positives:
       if "label" not in batch:
         raise ConfigError(f"config.objective.same_label_positives needs batch['label']; "
                           f"the batch has {sorted(batch)}")
-      positives = batch["label"][:, None] == batch["label"][None, :]
-    loss, metrics = self.pair_loss(image_emb, text_emb, positives)
-    sims = image_emb @ text_emb.T
-    # Retrieval within the batch; duplicate captions (class names) make it an
-    # underestimate, not a bug.
-    labels = jnp.arange(sims.shape[0])
-    metrics.update(loss=loss, i2t_accuracy=(sims.argmax(1) == labels).mean(),
-                   t2i_accuracy=(sims.argmax(0) == labels).mean())
+      labels = batch["label"]
+    loss, metrics = self.pair_loss(image_emb, text_emb, labels)
+    metrics.update(loss=loss)
     return loss, metrics
+
+
+def _positives(labels):
+  return None if labels is None else labels[:, None] == labels[None, :]
+
+
+def _retrieval_accuracy(image_emb, text_emb, labels):
+  """In-batch retrieval: the most similar text (image) is a positive. Without
+  labels, duplicate captions (class names) make it an underestimate."""
+  sims = image_emb @ text_emb.T
+  ids = jnp.arange(sims.shape[0]) if labels is None else labels
+  return {"i2t_accuracy": (ids[sims.argmax(1)] == ids).mean(),
+          "t2i_accuracy": (ids[sims.argmax(0)] == ids).mean()}
 
 
 class Clip(TwoTower):
@@ -145,10 +169,16 @@ class Clip(TwoTower):
     self.log_scale = nnx.Param(jnp.asarray(math.log(1.0 / temperature), jnp.float32))
     self.max_log_scale = math.log(max_scale)
 
-  def pair_loss(self, image_emb, text_emb, positives=None):
+  def pair_loss(self, image_emb, text_emb, labels=None):
     log_scale = jnp.minimum(self.log_scale[...], self.max_log_scale)
-    return (clip_loss(image_emb, text_emb, log_scale, positives),
-            {"scale": jnp.exp(log_scale)})
+    metrics = {"scale": jnp.exp(log_scale)}
+    axes = self.loss_axes()
+    if axes:
+      loss, i2t, t2i = distributed.clip_loss_gathered(image_emb, text_emb, log_scale, labels,
+                                                      axes=axes)
+      return loss, dict(metrics, i2t_accuracy=i2t, t2i_accuracy=t2i)
+    loss = clip_loss(image_emb, text_emb, log_scale, _positives(labels))
+    return loss, dict(metrics, **_retrieval_accuracy(image_emb, text_emb, labels))
 
   def after_update(self, step):
     # Clamp the parameter itself (as CLIP does) so it can come back below the cap.
@@ -165,6 +195,13 @@ class Siglip(TwoTower):
     self.log_t = nnx.Param(jnp.asarray(math.log(init_temperature), jnp.float32))
     self.bias = nnx.Param(jnp.asarray(init_bias, jnp.float32))
 
-  def pair_loss(self, image_emb, text_emb, positives=None):
-    loss = siglip_loss(image_emb, text_emb, self.log_t[...], self.bias[...], positives)
-    return loss, {"temperature": jnp.exp(self.log_t[...]), "bias": self.bias[...]}
+  def pair_loss(self, image_emb, text_emb, labels=None):
+    log_t, bias = self.log_t[...], self.bias[...]
+    metrics = {"temperature": jnp.exp(log_t), "bias": bias}
+    axes = self.loss_axes()
+    if axes:
+      loss, i2t, t2i = distributed.siglip_loss_ring(image_emb, text_emb, log_t, bias, labels,
+                                                    axes=axes)
+      return loss, dict(metrics, i2t_accuracy=i2t, t2i_accuracy=t2i)
+    loss = siglip_loss(image_emb, text_emb, log_t, bias, _positives(labels))
+    return loss, dict(metrics, **_retrieval_accuracy(image_emb, text_emb, labels))

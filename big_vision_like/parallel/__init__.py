@@ -1,1 +1,4 @@
-"""Mesh, logical-axis rules and sharding helpers. Imports nothing else from the package."""
+"""Mesh, logical-axis rules, shard_map helpers and the multi-process start.
+
+Imports nothing else from the package but registry.ConfigError (a leaf module).
+"""

@@ -8,11 +8,15 @@ rule, or whose mesh axis is absent, is replicated.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from big_vision_like.registry import ConfigError
 
 # With the default mesh (fsdp and tensor of size 1) this is plain data
 # parallelism; growing 'fsdp' or 'tensor' in config.mesh turns on FSDP / TP.
@@ -60,6 +64,54 @@ def logical_to_spec(names: Sequence[str | None], mesh: jax.sharding.Mesh | Any,
   return P(*spec)
 
 
+def check_rules(rules: Sequence, mesh: jax.sharding.Mesh) -> None:
+  """Every rule must name mesh axes that exist (a typo would silently replicate)."""
+  for rule in rules:
+    if len(rule) != 2:
+      raise ConfigError(f"config.sharding_rules entry {rule!r} is not a "
+                        f"(logical_name, mesh_axes) pair")
+    name, target = rule
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    for axis in axes:
+      if axis not in mesh.axis_names:
+        raise ConfigError(f"config.sharding_rules maps {name!r} to mesh axis {axis!r}, "
+                          f"which config.mesh does not have (axes: "
+                          f"{', '.join(mesh.axis_names)})")
+
+
+def batch_axes(mesh: jax.sharding.Mesh | Any, rules=None) -> tuple[str, ...]:
+  """The mesh axes (of size > 1) the batch is split over: the data-parallel axes."""
+  spec = logical_to_spec(("batch",), mesh, rules)[0]
+  return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh, rules=None) -> int:
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+
+
+def check_batch(global_batch: int, mesh: jax.sharding.Mesh, rules, field: str) -> None:
+  """The batch must split evenly over the data-parallel axes and the processes,
+  and each process must feed a contiguous slice of it (its own devices' rows)."""
+  size = data_parallel_size(mesh, rules)
+  if global_batch % size:
+    axes = " x ".join(f"{a}={mesh.shape[a]}" for a in batch_axes(mesh, rules))
+    raise ConfigError(f"{field}={global_batch} is not divisible by the data-parallel "
+                      f"size {size} (mesh axes {axes})")
+  if global_batch % jax.process_count():
+    raise ConfigError(f"{field}={global_batch} is not divisible by the "
+                      f"{jax.process_count()} processes")
+  if jax.process_count() > 1:
+    rows = batch_sharding(mesh, 1, rules).addressable_devices_indices_map((global_batch,))
+    starts = sorted({idx[0].start or 0 for idx in rows.values()})
+    stops = sorted({idx[0].stop or global_batch for idx in rows.values()})
+    local = global_batch // jax.process_count()
+    if (stops[-1] - starts[0] != local or starts[0] != jax.process_index() * local):
+      raise ConfigError(
+          f"config.mesh {dict(mesh.shape)} does not give process {jax.process_index()} "
+          f"its own slice of the batch (it feeds rows {starts[0]}:{stops[-1]}); put the "
+          f"data-parallel axes first and keep 'tensor' within a process")
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules=None) -> NamedSharding:
   """Leading axis split over the batch axes, the rest replicated."""
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1),
@@ -67,15 +119,30 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules=None) -> NamedShard
 
 
 def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, rules=None):
-  """The state's structure with a NamedSharding in each Variable, from its axis names."""
+  """The state's structure with a NamedSharding in each Variable, from its axis names.
 
-  def sharding(variable):
+  A dimension that doesn't divide evenly over its mesh axes is an error naming
+  the parameter (XLA would pad it silently, and the layout would be wasteful).
+  """
+
+  def sharding(path, variable):
+    shape = variable.get_value().shape
     names = variable.get_metadata().get("out_sharding") or ()
-    names = tuple(names) + (None,) * (variable.get_value().ndim - len(names))
-    return variable.replace(NamedSharding(mesh, logical_to_spec(names, mesh, rules)))
+    names = tuple(names) + (None,) * (len(shape) - len(names))
+    spec = logical_to_spec(names, mesh, rules)
+    for dim, (size, axes) in enumerate(zip(shape, spec)):
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      split = math.prod(mesh.shape[a] for a in axes)
+      if size % split:
+        where = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        raise ConfigError(
+            f"parameter {where} {tuple(shape)}: dimension {dim} (size {size}, logical "
+            f"axis {names[dim]!r}) is not divisible by mesh axes {axes} of size {split}; "
+            f"change config.mesh / config.parallelism or config.sharding_rules")
+    return variable.replace(NamedSharding(mesh, spec))
 
-  return jax.tree.map(sharding, abstract_state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree_util.tree_map_with_path(sharding, abstract_state,
+                                          is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -92,7 +159,7 @@ def put_batch(batch: dict, mesh: jax.sharding.Mesh, rules=None) -> dict:
   Each process passes its own slice; JAX assembles the global batch.
   """
   return {k: jax.make_array_from_process_local_data(
-      batch_sharding(mesh, v.ndim, rules), v) for k, v in batch.items()}
+      batch_sharding(mesh, np.ndim(v), rules), v) for k, v in batch.items()}
 
 
 def flax_rules(mesh: jax.sharding.Mesh, rules=None) -> tuple:
