@@ -22,6 +22,15 @@ def tiny_config(**overrides):
   return config
 
 
+def config_from(spec: str):
+  """The config of `configs/<file>.py[:arg]`, as main.py would load it."""
+  sys.path.insert(0, REPO)
+  import importlib  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(":")
+  module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+  return module.get_config(arg or None)
+
+
 def run_main(workdir, *flags, devices=1, config="configs/default.py:smoke", timeout=300,
              env=None):
   """Runs the CLI as a user would; returns the CompletedProcess."""
@@ -51,11 +60,18 @@ def train_losses(workdir):
 
 
 def restore_params(workdir, step=None):
-  """Reads a checkpoint's parameters back as numpy, without the trainer."""
+  """Reads a checkpoint's parameters back onto this process's first device, without
+  the trainer (whatever devices wrote it)."""
+  import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.join(workdir, "checkpoints")
   step = step if step is not None else max(
       int(d) for d in os.listdir(directory) if d.isdigit())
+  path = os.path.join(directory, str(step), "state")
+  here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as ckptr:
-    state = ckptr.restore(os.path.join(directory, str(step), "state"))
+    metadata = ckptr.metadata(path)
+    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)
+    state = ckptr.restore(path, target)
   return step, state["params"]
