@@ -5,9 +5,10 @@ jit XLA then materialises the B x B logits (split by rows at best). These take
 the same embeddings, sharded over the data-parallel mesh axes, and compute the
 same loss and gradients with less memory:
 
-- `clip_loss_gathered`: each device all-gathers the other devices' embeddings
-  and scores its own rows against the whole batch ([B/n, B] logits per device).
-  The gradient of the all-gather is a reduce-scatter, so it is exact.
+- `clip_loss_gathered`: each device all-gathers the text embeddings and scores
+  its own images against the whole batch ([B/n, B] logits per device); the
+  column softmax (text -> image) is reduced across devices. The gradient of the
+  all-gather is a reduce-scatter, so it is exact.
 - `siglip_loss_ring`: each device keeps its image embeddings and the text
   embeddings travel around a ring of devices (ppermute), n steps of [B/n, B/n]
   logits; the backward pass goes round the ring again with the text gradients
@@ -58,25 +59,39 @@ def _argmax_hits(sims, own_ids, other_ids):
 def clip_loss_gathered(image_emb, text_emb, log_scale, labels=None, *, axes):
   """Symmetric InfoNCE of the global batch; embeddings [B, D] sharded over `axes`.
 
+  Each device gathers the texts and forms its rows of the logits, [B/n, B]:
+  the image->text softmax is over its own rows; the text->image softmax runs
+  down the columns, whose log-sum-exp is combined across devices (pmax, psum).
   Returns (loss, i2t_accuracy, t2i_accuracy), all replicated.
   """
   axes = tuple(axes)
 
   def local(img, txt, log_scale, ids):
     b = img.shape[0]
-    all_img = jax.lax.all_gather(img, axes, tiled=True)
+    n = b * _ring_size(axes)
     all_txt = jax.lax.all_gather(txt, axes, tiled=True)
     all_ids = jax.lax.all_gather(ids, axes, tiled=True)
-    positives = (ids[:, None] == all_ids[None, :]).astype(jnp.float32)  # [b, B]
-    targets = positives / positives.sum(-1, keepdims=True)
-    scale = jnp.exp(log_scale)
-    i2t = scale * img @ all_txt.T
-    t2i = scale * txt @ all_img.T
-    xent = lambda logits: -(targets * jax.nn.log_softmax(logits, axis=-1)).sum()
-    total = jax.lax.psum(xent(i2t) + xent(t2i), axes)
-    hits = jax.lax.psum(jnp.stack([_argmax_hits(i2t, ids, all_ids).sum(),
-                                   _argmax_hits(t2i, ids, all_ids).sum()]), axes)
-    n = b * _ring_size(axes)
+    positives = ids[:, None] == all_ids[None, :]  # [b, B], fused into its uses
+    logits = jnp.exp(log_scale) * img @ all_txt.T
+    positive_logits = jnp.where(positives, logits, 0.0)
+    # image -> text: each row is a softmax over the whole batch of texts
+    i2t = (jax.nn.logsumexp(logits, axis=1)
+           - positive_logits.sum(1) / positives.sum(1)).sum()
+    # text -> image: column j's softmax spans every device's rows
+    fixed = jax.lax.stop_gradient(logits)  # for the shift and the accuracies
+    col_max = jax.lax.pmax(fixed.max(0), axes)
+    col_lse = col_max + jnp.log(jax.lax.psum(jnp.exp(logits - col_max).sum(0), axes))
+    col_positives = jax.lax.psum(positives.sum(0), axes)
+    t2i = col_lse.sum() / _ring_size(axes) - (positive_logits.sum(0) / col_positives).sum()
+    total = jax.lax.psum(i2t + t2i, axes)
+    # accuracies: the best text per local image; the best image per text
+    i2t_hits = _argmax_hits(fixed, ids, all_ids).sum()
+    offset = jax.lax.axis_index(axes) * b
+    rows = offset + jnp.argmax(fixed, 0)  # first best row here, global index
+    first_best = jax.lax.pmin(jnp.where(fixed.max(0) == col_max, rows, n), axes)
+    owner = (first_best >= offset) & (first_best < offset + b)
+    t2i_hits = (owner & (ids[jnp.clip(first_best - offset, 0, b - 1)] == all_ids)).sum()
+    hits = jax.lax.psum(jnp.stack([i2t_hits, t2i_hits]), axes)
     return total / (2 * n), hits[0] / n, hits[1] / n
 
   spec = P(axes)
