@@ -70,7 +70,9 @@ def layouts():
     config.input.batch_size = 32
     config.optim.warmup_steps, config.optim.lr = 0, 1e-2  # steps that move the loss
     batches = _batches(config, 4)
-    for name in LAYOUTS:
+    # SigLIP (shard_map ring loss) under the layouts that change its mesh axes.
+    names = LAYOUTS if objective == "supervised" else ("one_device", "dp", "fsdp_tp")
+    for name in names:
       losses, per_device, _, _ = _train(config, _mesh(name), batches)
       out[f"{objective}/{name}"] = {"losses": losses, "state_bytes_per_device": per_device}
   return out

@@ -72,7 +72,10 @@ class CommandLineErrorsTest(parameterized.TestCase):
       ("image_size_vs_patch", ("--config.model.patch_size=3",), 1,
        "image size 8x8 is not divisible by config.model.patch_size=3"),
       ("batch_vs_devices", ("--config.input.batch_size=12",), 1,
-       "config.input.batch_size=12 is not divisible by the 8 devices"),
+       "config.input.batch_size=12 is not divisible by the data-parallel size 8 "
+       "(mesh axes data=8)"),
+      ("mesh_vs_devices", ("--config.parallelism=tp", "--config.tensor_parallel=3"), 1,
+       "config.mesh [('data', -1), ('fsdp', 1), ('tensor', 3)] does not divide 8 devices"),
   )
   def test_one_line_error(self, flags, code, message):
     workdir = self.create_tempdir().full_path
