@@ -191,9 +191,13 @@ class MultiProcessTest(absltest.TestCase):
                      ["commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"])
     np.testing.assert_allclose(list(helpers.train_losses(two).values()),
                                list(helpers.train_losses(one).values()), rtol=2e-6)
-    # What a job killed after its step-6 checkpoint leaves; both processes resume.
+    # What a job killed after its step-6 checkpoint leaves; both processes resume,
+    # this time in the 'hybrid' layout (FSDP x TP inside each process, data
+    # parallel across them): the checkpoint is resharded on restore.
     shutil.rmtree(os.path.join(two, "checkpoints", "9"))
-    outputs = finish(start_processes(two, *flags, "--config.total_steps=9"))
+    outputs = finish(start_processes(two, *flags, "--config.total_steps=9",
+                                     "--config.parallelism=hybrid"))
+    self.assertIn("Mesh {'data': 2, 'fsdp': 2, 'tensor': 2}", outputs[0][1])
     self.assertIn("Resumed from", outputs[0][1])
     self.assertIn("at step 6 of 9", outputs[0][1])
 
