@@ -64,13 +64,19 @@ def _train(config, mesh, batches):
 def layouts():
   """The same config under each layout: losses and per-device state bytes."""
   out = {}
-  for objective in ("supervised", "siglip"):
-    config = (helpers.tiny_config() if objective == "supervised" else
-              helpers.config_from("configs/siglip_cifar10.py:smoke"))
+  for objective in ("supervised", "siglip", "perceiver"):
+    if objective == "perceiver":  # a float32 Perceiver IO on 8x8 digits
+      config = helpers.config_from("configs/perceiver_cifar10.py:smoke")
+      config.input.update(source="digits", data_dir=None, transforms=[{"name": "normalize"}])
+      config.model.update(image_size=8, channels=1, dtype="float32", qk_channels=16,
+                          cross_heads=2)
+    else:
+      config = (helpers.tiny_config() if objective == "supervised" else
+                helpers.config_from("configs/siglip_cifar10.py:smoke"))
     config.input.batch_size = 32
     config.optim.warmup_steps, config.optim.lr = 0, 1e-2  # steps that move the loss
     batches = _batches(config, 4)
-    # SigLIP (shard_map ring loss) under the layouts that change its mesh axes.
+    # The others under the layouts that change their mesh axes the most.
     names = LAYOUTS if objective == "supervised" else ("one_device", "dp", "fsdp_tp")
     for name in names:
       losses, per_device, _, _ = _train(config, _mesh(name), batches)

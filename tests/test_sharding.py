@@ -109,7 +109,8 @@ class MultiDeviceTest(parameterized.TestCase):
     self.assertEqual(self.results["devices"], 8)
 
   @parameterized.parameters(("supervised", "dp"), ("supervised", "fsdp"), ("supervised", "tp"),
-                            ("supervised", "fsdp_tp"), ("siglip", "dp"), ("siglip", "fsdp_tp"))
+                            ("supervised", "fsdp_tp"), ("siglip", "dp"), ("siglip", "fsdp_tp"),
+                            ("perceiver", "dp"), ("perceiver", "fsdp_tp"))
   def test_losses_do_not_depend_on_the_layout(self, objective, layout):
     reference = self.results["layouts"][f"{objective}/one_device"]["losses"]
     losses = self.results["layouts"][f"{objective}/{layout}"]["losses"]

@@ -30,11 +30,11 @@ def dense(in_features: int, out_features: int, axes: Sequence[str | None], *,
 
 
 def layer_norm(features: int, *, rngs: nnx.Rngs, eps: float = 1e-6,
-               dtype=jnp.float32, param_dtype=jnp.float32) -> nnx.LayerNorm:
+               dtype=jnp.float32, param_dtype=jnp.float32, axis: str = "embed") -> nnx.LayerNorm:
   return nnx.LayerNorm(
       features, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
+      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), (axis,)),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axis,)),
       rngs=rngs)
 
 

@@ -46,7 +46,9 @@ class PerceiverLayer(nnx.Module):
   def __init__(self, q_dim: int, kv_dim: int | None, num_heads: int, *,
                qk_channels: int | None = None, widening: int = 1,
                query_residual: bool = True, ln_eps: float, attention: str,
-               rngs: nnx.Rngs, dtype, param_dtype):
+               kv_axis: str = "embed", rngs: nnx.Rngs, dtype, param_dtype):
+    """`kv_axis`: logical name of the key/value inputs' channels ('inputs' for
+    the encoder's pixels + Fourier features: an odd width, never split)."""
     cross = kv_dim is not None
     kv_dim = kv_dim if cross else q_dim
     qk = qk_channels or kv_dim
@@ -56,10 +58,10 @@ class PerceiverLayer(nnx.Module):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.num_heads, self.query_residual, self.implementation = num_heads, query_residual, attention
     self.norm_q = layers.layer_norm(q_dim, eps=ln_eps, **kw)
-    self.norm_kv = layers.layer_norm(kv_dim, eps=ln_eps, **kw) if cross else None
+    self.norm_kv = layers.layer_norm(kv_dim, eps=ln_eps, axis=kv_axis, **kw) if cross else None
     self.query = layers.dense(q_dim, qk, ("embed", "heads"), **kw)
-    self.key = layers.dense(kv_dim, qk, ("embed", "heads"), **kw)
-    self.value = layers.dense(kv_dim, qk, ("embed", "heads"), **kw)
+    self.key = layers.dense(kv_dim, qk, (kv_axis, "heads"), **kw)
+    self.value = layers.dense(kv_dim, qk, (kv_axis, "heads"), **kw)
     self.out = layers.dense(qk, q_dim, ("heads", "embed"), **kw)
     self.norm_mlp = layers.layer_norm(q_dim, eps=ln_eps, **kw)
     self.mlp = layers.Mlp(q_dim, widening * q_dim, **kw)
@@ -136,7 +138,7 @@ class Perceiver(nnx.Module):
         rngs.params(), (num_latents, latent_dim), param_dtype), out_sharding=(None, "embed"))
     self.encode_cross = PerceiverLayer(latent_dim, input_dim, cross_heads,
                                        qk_channels=qk_channels, widening=cross_widening,
-                                       **layer_kw)
+                                       kv_axis="inputs", **layer_kw)
     self.self_attends = nnx.List([
         PerceiverLayer(latent_dim, None, self_heads, qk_channels=qk_channels,
                        widening=self_widening, **layer_kw)

@@ -30,6 +30,7 @@ DEFAULT_RULES = (
     # axis; the table is still split along 'embed' under FSDP.
     ("vocab", None),
     ("classes", None),
+    ("inputs", None),  # Perceiver's input channels (pixels + Fourier features)
     ("layers", None),
     ("seq", None),
     ("act_embed", None),
