@@ -116,7 +116,7 @@ def contrastive_losses():
           args = (jnp.float32(1.7), jnp.float32(-2.0))
           ref, ref_grads = jax.value_and_grad(dense, argnums=(0, 1, 2, 3))(img, txt, *args)
           (got, accs), grads = jax.jit(jax.value_and_grad(
-              lambda *a: (sharded(*a)[0], sharded(*a)[1:]), argnums=(0, 1, 2, 3),
+              lambda *a: (lambda out: (out[0], out[1:]))(sharded(*a)), argnums=(0, 1, 2, 3),
               has_aux=True))(g_img, g_txt, *args)
           ids = np.arange(b) if lab is None else lab
           sims = img @ txt.T

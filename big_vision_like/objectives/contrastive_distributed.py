@@ -178,14 +178,12 @@ def _siglip_ring(img, txt, ids, log_t, bias, axes):
   return _siglip_ring_fwd(img, txt, ids, log_t, bias, axes)[0]
 
 
-def _specs(axes):
-  s = P(axes)
-  return s, (s, s, s, P(), P())
+def _in_specs(axes):
+  """img, txt, ids split over the ring; log_t, bias replicated."""
+  return (P(axes),) * 3 + (P(), P())
 
 
 def _siglip_ring_fwd(img, txt, ids, log_t, bias, axes):
-  spec, in_specs = _specs(axes)
-
   def local(img, txt, ids, log_t, bias):
     loss, hit_i, hit_t = _ring_forward(img, txt, ids, log_t, bias, axes)
     n = img.shape[0] * _ring_size(axes)
@@ -193,7 +191,7 @@ def _siglip_ring_fwd(img, txt, ids, log_t, bias, axes):
                                     hit_t.astype(jnp.float32)]), axes)
     return stats[0] / n, stats[1] / n, stats[2] / n
 
-  out = jax.shard_map(local, in_specs=in_specs, out_specs=(P(), P(), P()))(
+  out = jax.shard_map(local, in_specs=_in_specs(axes), out_specs=(P(), P(), P()))(
       img, txt, ids, log_t, bias)
   return out, (img, txt, ids, log_t, bias)
 
@@ -201,13 +199,11 @@ def _siglip_ring_fwd(img, txt, ids, log_t, bias, axes):
 def _siglip_ring_bwd(axes, residuals, cotangents):
   img, txt, ids, log_t, bias = residuals
   g = cotangents[0] / img.shape[0]  # the loss is a mean over the B images
-  spec, in_specs = _specs(axes)
-
   def local(img, txt, ids, log_t, bias, g):
     return _ring_backward(img, txt, ids, log_t, bias, g, axes)
 
   dimg, dtxt, dlog_t, dbias = jax.shard_map(
-      local, in_specs=in_specs + (P(),), out_specs=(spec, spec, P(), P()))(
+      local, in_specs=_in_specs(axes) + (P(),), out_specs=(P(axes), P(axes), P(), P()))(
           img, txt, ids, log_t, bias, g)
   return dimg, dtxt, None, dlog_t, dbias
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from big_vision_like.registry import ConfigError
 
@@ -63,6 +65,4 @@ def any_process(flag: bool) -> bool:
   """True if `flag` is set in any process (a collective: every process must call it)."""
   if jax.process_count() == 1:
     return bool(flag)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
