@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from big_vision_like import checkpoint as checkpoint_lib  # noqa: E402
-from big_vision_like import data, train  # noqa: E402
+from big_vision_like import data, ops, train  # noqa: E402
 from big_vision_like.objectives import contrastive, contrastive_distributed  # noqa: E402
 from big_vision_like.parallel import mesh as mesh_lib  # noqa: E402
 from big_vision_like.parallel import sharding  # noqa: E402
@@ -81,6 +81,10 @@ def layouts():
     for name in names:
       losses, per_device, _, _ = _train(config, _mesh(name), batches)
       out[f"{objective}/{name}"] = {"losses": losses, "state_bytes_per_device": per_device}
+    if objective == "supervised":  # the Pallas kernels inside the sharded trainer
+      config.model.attention = "pallas"
+      losses, _, _, _ = _train(config, _mesh("fsdp_tp"), batches)
+      out["supervised_pallas/fsdp_tp"] = {"losses": losses}
   return out
 
 
@@ -131,6 +135,39 @@ def contrastive_losses():
   return out
 
 
+def kernels_per_shard():
+  """The Pallas kernel under a data x tensor mesh (shard_map over batch and heads)
+  next to the XLA reference on one device; and whether any input was gathered."""
+  rng = np.random.RandomState(1)
+  q, k, v = (rng.randn(8, 24, 4, 16).astype(np.float32) for _ in range(3))
+  bias = rng.randn(1, 4, 24, 24).astype(np.float32)  # shared over the batch (Swin)
+  mask = np.arange(24)[None, None, None, :] < rng.randint(1, 25, (8, 1, 1, 1))
+  target = rng.randn(8, 24, 4, 16).astype(np.float32)
+
+  def loss(implementation, axes):
+    def f(q, k, v, bias):
+      out = ops.dot_product_attention(q, k, v, bias=bias, mask=mask, shard_axes=axes,
+                                      implementation=implementation)
+      return ((out - target) ** 2).sum()
+    return jax.value_and_grad(f, argnums=(0, 1, 2, 3))
+
+  ref, ref_grads = loss("xla", None)(q, k, v, bias)
+  mesh = mesh_lib.make_mesh([("data", 2), ("fsdp", 2), ("tensor", 2)])
+  with jax.set_mesh(mesh):
+    axes = sharding.kernel_axes()
+    put = lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+    qkv_spec = jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor")
+    args = [put(x, qkv_spec) for x in (q, k, v)] + [put(bias, jax.sharding.PartitionSpec())]
+    step = jax.jit(loss("pallas", axes))
+    got, grads = step(*args)
+    hlo = step.lower(*args).compile().as_text()
+  return {"kernel_axes": [list(a) if isinstance(a, (tuple, list)) else a for a in axes],
+          "loss": float(got), "reference": float(ref),
+          "grad_max_abs_diff": [float(np.abs(np.asarray(g) - np.asarray(r)).max())
+                                for g, r in zip(grads, ref_grads)],
+          "all_gathers": hlo.count("all-gather-start(") + hlo.count("all-gather(")}
+
+
 def restore_anywhere():
   """A checkpoint written under 8-way data parallel, read under 4x2 and 1 device."""
   config = helpers.tiny_config()
@@ -168,6 +205,7 @@ def restore_anywhere():
 
 if __name__ == "__main__":
   results = {"devices": jax.device_count(), "layouts": layouts(),
-             "contrastive": contrastive_losses(), "restore": restore_anywhere()}
+             "contrastive": contrastive_losses(), "restore": restore_anywhere(),
+             "kernels": kernels_per_shard()}
   with open(sys.argv[1], "w") as f:
     json.dump(results, f, indent=1)

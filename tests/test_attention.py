@@ -1,4 +1,6 @@
 """The ops attention entry point against a float64 numpy reference."""
+import functools
+
 import numpy as np
 from absl.testing import absltest, parameterized
 
@@ -6,6 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from big_vision_like import ops
+from big_vision_like.ops.attention import IMPLEMENTATIONS, choose
+from big_vision_like.ops.chunked import chunked_attention
+from big_vision_like.ops.pallas_attention import pallas_attention
 
 
 def reference(q, k, v, bias=None, mask=None):
@@ -51,21 +56,18 @@ class AttentionTest(parameterized.TestCase):
       ((1, 2, 1, 23),),    # broadcast over queries
       ((3, 1, 19, 23),),   # per example, shared over heads
   )
-  def test_chunked_gradients_match_xla(self, bias_shape):
-    """Gradients for q, k, v and the bias (Swin learns its bias) through the custom VJP."""
+  def test_gradients_match_xla(self, bias_shape):
+    """Gradients for q, k, v and the bias (Swin learns its bias) through both custom VJPs."""
     rng = np.random.default_rng(2)
     q = jnp.asarray(rng.normal(size=(3, 19, 2, 16)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(3, 23, 2, 16)), jnp.float32) for _ in range(2))
     bias = jnp.asarray(rng.normal(size=bias_shape), jnp.float32)
     mask = jnp.asarray(np.arange(23)[None, None, None, :] < np.array([23, 5, 17])[:, None, None, None])
     target = jnp.asarray(rng.normal(size=(3, 19, 2, 16)), jnp.float32)
-
-    from big_vision_like.ops.chunked import chunked_attention  # pylint: disable=g-import-not-at-top
-    from big_vision_like.ops.pallas_attention import pallas_attention  # pylint: disable=g-import-not-at-top
     implementations = {
         "xla": lambda q, k, v, bias: ops.dot_product_attention(
             q, k, v, bias=bias, mask=mask, implementation="xla"),
-        # small chunks: several blocks in both directions, with padding
+        # small chunks / blocks: several blocks in both directions, with padding
         "chunked": lambda q, k, v, bias: chunked_attention(
             q, k, v, bias, mask, 16 ** -0.5, q_chunk=8, k_chunk=5),
         "pallas": lambda q, k, v, bias: pallas_attention(
@@ -77,6 +79,73 @@ class AttentionTest(parameterized.TestCase):
       for a, b in zip(grads["xla"], grads[name]):
         self.assertEqual(a.shape, b.shape)
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5, err_msg=name)
+
+  @parameterized.named_parameters(
+      # name, (batch, q_len, k_len, heads, head_dim), bias shape, key mask, dtype
+      ("self_d32", (2, 37, 37, 2, 32), None, False, "float32"),
+      ("cross_bias_mask_d64", (1, 20, 45, 2, 64), (1, 2, 20, 45), True, "float32"),
+      ("windows_shared_bias_d32", (4, 16, 16, 2, 32), (1, 2, 16, 16), False, "float32"),
+      ("mask_only_d128", (2, 33, 17, 1, 128), None, True, "float32"),
+      ("odd_head_dim_24", (1, 18, 18, 2, 24), None, False, "float32"),
+      ("bf16_bias_d64", (2, 40, 40, 2, 64), (1, 2, 40, 40), False, "bfloat16"),
+  )
+  def test_pallas_kernels_forward_and_gradients(self, dims, bias_shape, with_mask, dtype):
+    """The Pallas forward and backward kernels against the XLA reference in float32
+    (fp32 inputs: 2e-5; bf16 inputs: 2e-2 of each tensor's largest entry)."""
+    b, lq, lk, h, d = dims
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(b, lq, h, d)).astype(np.float32)
+    k, v = (rng.normal(size=(b, lk, h, d)).astype(np.float32) for _ in range(2))
+    bias = None if bias_shape is None else rng.normal(size=bias_shape).astype(np.float32)
+    mask = None
+    if with_mask:
+      mask = np.arange(lk)[None, :] < rng.integers(1, lk + 1, size=b)[:, None]
+      mask = mask[:, None, None, :]
+    target = rng.normal(size=(b, lq, h, d)).astype(np.float32)
+
+    def loss(f, dtype):
+      def g(q, k, v, bias):
+        out = f(*(t.astype(dtype) for t in (q, k, v)), bias, mask, d ** -0.5)
+        return ((out.astype(jnp.float32) - target) ** 2).sum(), out
+      return jax.value_and_grad(g, argnums=(0, 1, 2, 3) if bias is not None else (0, 1, 2),
+                                has_aux=True)
+
+    kernel = functools.partial(pallas_attention, block_q=16, block_k=16)
+    (_, want_out), want = loss(IMPLEMENTATIONS["xla"], jnp.float32)(q, k, v, bias)
+    (_, out), got = loss(kernel, jnp.dtype(dtype))(q, k, v, bias)
+    self.assertEqual(out.dtype, jnp.dtype(dtype))
+    tol = 2e-5 if dtype == "float32" else 2e-2
+    for name, a, w in zip(("out", "dq", "dk", "dv", "dbias"), (out, *got), (want_out, *want)):
+      scale = float(np.abs(np.asarray(w)).max())
+      np.testing.assert_allclose(np.asarray(a, np.float32), w, atol=tol * scale, rtol=tol,
+                                 err_msg=name)
+
+  def test_pallas_backward_runs_the_kernels(self):
+    x = jnp.ones((1, 20, 1, 32))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda q: pallas_attention(
+        q, x, x, None, None, 0.1).sum()))(x))
+    for name in ("bvl_flash_forward", "bvl_flash_backward_dkdv", "bvl_flash_backward_dq"):
+      self.assertIn(name, jaxpr)
+
+  @parameterized.named_parameters(
+      ("vit_b16_bf16", (2, 197, 197, 12, 64), "bfloat16", None, False),
+      ("pixels_d128_mask", (1, 4097, 4097, 2, 128), "bfloat16", None, True),
+      ("swin_windows_fp32_d32", (8, 49, 49, 3, 32), "float32", (8, 3, 49, 49), False),
+      ("perceiver_cross_d48", (2, 256, 4096, 1, 48), "float32", None, True),
+  )
+  def test_pallas_kernels_lower_to_triton_for_cuda(self, dims, dtype, bias_shape, with_mask):
+    """Lowering for CUDA runs here (no GPU needed) and checks Triton's constraints
+    (power-of-two blocks, dot shapes): forward, dK/dV and dQ kernels."""
+    b, lq, lk, h, d = dims
+    q = jax.ShapeDtypeStruct((b, lq, h, d), jnp.dtype(dtype))
+    k = jax.ShapeDtypeStruct((b, lk, h, d), jnp.dtype(dtype))
+    bias = None if bias_shape is None else jax.ShapeDtypeStruct(bias_shape, jnp.float32)
+    mask = jax.ShapeDtypeStruct((b, 1, 1, lk), jnp.bool_) if with_mask else None
+    loss = lambda q, k, v, bias, mask: pallas_attention(
+        q, k, v, bias, mask, d ** -0.5, interpret=False).astype(jnp.float32).sum()
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, bias, mask).lower(
+        lowering_platforms=("cuda",))
+    self.assertEqual(lowered.as_text().count("__gpu$xla.gpu.triton"), 3)
 
   def test_chunked_memory_is_linear_in_sequence(self):
     """XLA's own memory analysis of the compiled forward+backward (compile only)."""
@@ -114,10 +183,31 @@ class AttentionTest(parameterized.TestCase):
                                   "there: auto, xla, chunked, pallas"):
         ops.dot_product_attention(x, x, x, implementation="cudnn")
 
-  def test_shape_mismatch_is_an_error(self):
-    with self.assertRaisesRegex(ValueError, "shapes disagree"):
-      ops.dot_product_attention(jnp.zeros((1, 4, 2, 8)), jnp.zeros((1, 5, 2, 4)),
-                                jnp.zeros((1, 5, 2, 4)))
+  @parameterized.named_parameters(
+      ("heads", (1, 4, 2, 8), (1, 5, 3, 8), None, None, r"head counts disagree: q\(1, 4, 2, 8\) k\(1, 5, 3, 8\)"),
+      ("head_dims", (1, 4, 2, 8), (1, 5, 2, 4), None, None, "head dims disagree"),
+      ("batch", (2, 4, 2, 8), (1, 5, 2, 8), None, None, "batch sizes disagree"),
+      ("rank", (4, 2, 8), (1, 5, 2, 8), None, None, r"expects \[batch, length, heads, head_dim\]"),
+      ("bias", (2, 4, 2, 8), (2, 5, 2, 8), (3, 4, 5), None,
+       r"bias of shape \(3, 4, 5\) does not broadcast to the logits \[batch, heads, q_len, "
+       r"k_len\] = \(2, 2, 4, 5\)"),
+      ("mask", (2, 4, 2, 8), (2, 5, 2, 8), None, (2, 1, 1, 4), r"mask of shape \(2, 1, 1, 4\)"),
+  )
+  def test_bad_shapes_are_one_line_errors(self, q_shape, k_shape, bias_shape, mask_shape,
+                                          message):
+    bias = None if bias_shape is None else jnp.zeros(bias_shape)
+    mask = None if mask_shape is None else jnp.ones(mask_shape, bool)
+    with self.assertRaisesRegex(ValueError, message):
+      ops.dot_product_attention(jnp.zeros(q_shape), jnp.zeros(k_shape), jnp.zeros(k_shape),
+                                bias=bias, mask=mask)
+
+  def test_auto_choice_per_platform_and_length(self):
+    self.assertEqual(choose("cpu", 197, 197), "xla")
+    self.assertEqual(choose("gpu", 197, 197), "xla")
+    self.assertEqual(choose("cpu", 4096, 4096), "chunked")
+    self.assertEqual(choose("tpu", 50176, 50176), "chunked")
+    self.assertEqual(choose("gpu", 4096, 4096), "pallas")
+    self.assertEqual(choose("gpu", 256, 50176), "pallas")  # Perceiver cross-attention
 
 
 if __name__ == "__main__":

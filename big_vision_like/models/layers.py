@@ -78,7 +78,8 @@ class Attention(nnx.Module):
         ("batch",) + (None,) * (t.ndim - 2) + ("act_heads", None))
     q, k, v = split(self.query(x)), split(self.key(kv)), split(self.value(kv))
     out = ops.dot_product_attention(q, k, v, bias=bias, mask=mask,
-                                    implementation=self.implementation)
+                                    implementation=self.implementation,
+                                    shard_axes=sharding.kernel_axes())
     return self.out(out.reshape(out.shape[:-2] + (-1,)))
 
 

@@ -72,7 +72,8 @@ class PerceiverLayer(nnx.Module):
     split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, -1))
     out = ops.dot_product_attention(split(self.query(q_in)), split(self.key(kv_in)),
                                     split(self.value(kv_in)), mask=mask,
-                                    implementation=self.implementation)
+                                    implementation=self.implementation,
+                                    shard_axes=sharding.kernel_axes())
     out = self.out(out.reshape(out.shape[:-2] + (-1,)))
     if self.query_residual:
       out = out + x

@@ -96,7 +96,8 @@ class WindowAttention(nnx.Module):
       bias = bias + jnp.asarray(mask)[:, None]
       bias = jnp.tile(bias, (windows.shape[0] // num_windows, 1, 1, 1))
     out = ops.dot_product_attention(q, k, v, bias=bias.astype(jnp.float32),
-                                    implementation=self.implementation)
+                                    implementation=self.implementation,
+                                    shard_axes=sharding.kernel_axes())
     return self.out(out.reshape(out.shape[:-2] + (-1,)))
 
 

@@ -156,6 +156,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh))
 
 
+def kernel_axes() -> tuple | None:
+  """Mesh axes of (batch, heads) for attention kernels that run per shard, or
+  None outside a mesh (see `ops.dot_product_attention`)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  spec = logical_to_spec(("batch", "act_heads"), mesh)
+  return tuple(spec) + (None,) * (2 - len(spec))
+
+
 def put_batch(batch: dict, mesh: jax.sharding.Mesh, rules=None) -> dict:
   """Host-local numpy batch -> global arrays split over the batch axes.
 
