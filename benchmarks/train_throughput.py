@@ -34,6 +34,7 @@ SETTINGS = {
     "vit_ti16": (dict(variant="Ti/16", num_classes=1000, pool="cls"), 224, 3, 32),
     "vit32": (dict(patch_size=4, width=192, depth=6, num_heads=3, mlp_dim=768,
                    num_classes=10, pool="cls"), 32, 3, 128),
+    "vit_b16": (dict(variant="B/16", num_classes=1000, pool="cls"), 224, 3, 256),
 }
 
 
@@ -49,8 +50,9 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
   return 2 * n ** 3 / np.median(times) / 1e9
 
 
-def config_for(name: str):
-  model, size, channels, batch = SETTINGS[name]
+def config_for(name: str, batch: int | None = None):
+  model, size, channels, default_batch = SETTINGS[name]
+  batch = batch or default_batch
   config = configuration.defaults()
   config.total_steps = 10_000
   config.input.batch_size = batch
@@ -61,8 +63,10 @@ def config_for(name: str):
   return config, size, channels, batch
 
 
-def measure(name: str) -> dict:
-  config, size, channels, batch = config_for(name)
+def measure(name: str, batch: int | None = None, **model) -> dict:
+  """`model` overrides config.model fields (attention, remat, ...)."""
+  config, size, channels, batch = config_for(name, batch)
+  config.model.update(model)
   mesh = mesh_lib.make_mesh(mesh_lib.config_axes(config))
   with jax.set_mesh(mesh):
     trainer = Trainer(config, mesh, steps_per_epoch=1000)
