@@ -99,8 +99,10 @@ def _check_known(config: Any, reference: Any, prefix: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first unknown or inconsistent field."""
   _check_known(config, defaults(), "config.")
-  if (config.total_steps is None) == (config.total_epochs is None):
-    raise ConfigError("set exactly one of config.total_steps and config.total_epochs")
+  if (not config.total_steps) == (not config.total_epochs):  # 0 unsets one from the CLI
+    raise ConfigError(f"set exactly one of config.total_steps ({config.total_steps}) and "
+                      f"config.total_epochs ({config.total_epochs}); 0 unsets one, e.g. "
+                      f"--config.total_epochs=0 --config.total_steps=100")
   for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
     if int(config[field]) <= 0:
       raise ConfigError(f"config.{field}={config[field]} must be positive")

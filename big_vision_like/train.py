@@ -63,7 +63,7 @@ def _split(objective):
 
 
 def resolve_steps(config, steps_per_epoch: int) -> int:
-  if config.total_steps is not None:
+  if config.total_steps:
     return int(config.total_steps)
   return max(1, int(math.ceil(config.total_epochs * steps_per_epoch)))
 

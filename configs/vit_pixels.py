@@ -19,10 +19,10 @@ SIZE = 64
 
 
 def get_config(arg: str | None = None):
-  config = common.pets_segmentation(SIZE, batch_size=8, epochs=8.0)
+  config = common.pets_segmentation(SIZE, batch_size=8, epochs=4.0)
   config.optim.warmup_epochs = 1.0
   config.log_every_steps = 10
-  config.eval_every_steps = 100
+  config.eval_every_steps = 150
   config.checkpoint_every_steps = 50
   config.model = dict(name="vit", num_classes=0, patch_size=1, width=64, depth=4,
                       num_heads=2, mlp_dim=128, image_size=SIZE, pool="gap",

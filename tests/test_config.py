@@ -28,8 +28,11 @@ class ValidateTest(parameterized.TestCase):
   def test_steps_or_epochs(self):
     config = helpers.tiny_config()
     config.total_epochs = 2.0
-    with self.assertRaisesRegex(ConfigError, "exactly one of config.total_steps and config.total_epochs"):
+    with self.assertRaisesRegex(ConfigError, r"exactly one of config.total_steps \(6\) and "
+                                r"config.total_epochs \(2.0\); 0 unsets one"):
       configuration.validate(config)
+    config.total_steps = 0  # as --config.total_steps=0 does
+    configuration.validate(config)
 
   def test_accumulation_must_divide_batch(self):
     config = helpers.tiny_config(**{"optim.grad_accum_steps": 3})
