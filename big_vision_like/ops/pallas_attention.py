@@ -168,22 +168,18 @@ def _padded_bias(bias, bq, bk, lk):
   return _pad(bias, 3, bk)
 
 
-def _spec(shape, index_map):
-  return pl.BlockSpec(shape, index_map)
-
-
 def _rows_spec(block, d):
   """One (batch, head)'s block of rows n: [block, d] (or [block] when d is None)."""
   if d is None:
-    return _spec((None, None, block), lambda i, j, n: (i, j, n))
-  return _spec((None, None, block, d), lambda i, j, n: (i, j, n, 0))
+    return pl.BlockSpec((None, None, block), lambda i, j, n: (i, j, n))
+  return pl.BlockSpec((None, None, block, d), lambda i, j, n: (i, j, n, 0))
 
 
 def _whole_spec(length, d):
   """One (batch, head)'s whole sequence, whichever block the program owns."""
   if d is None:
-    return _spec((None, None, length), lambda i, j, n: (i, j, 0))
-  return _spec((None, None, length, d), lambda i, j, n: (i, j, 0, 0))
+    return pl.BlockSpec((None, None, length), lambda i, j, n: (i, j, 0))
+  return pl.BlockSpec((None, None, length, d), lambda i, j, n: (i, j, 0, 0))
 
 
 def _bias_spec(bias, rows, cols, by_rows: bool):
@@ -195,7 +191,7 @@ def _bias_spec(bias, rows, cols, by_rows: bool):
     if by_rows:
       return b, h, (n if brows > 1 else 0), 0
     return b, h, 0, n
-  return _spec((None, None, row_block, cols), index)
+  return pl.BlockSpec((None, None, row_block, cols), index)
 
 
 def _forward(q, k, v, bias, scale, block_q, block_k, interpret):
@@ -258,7 +254,7 @@ def _backward(q, k, v, bias, scale, block_q, block_k, interpret, out, lse, dout,
   out_specs = [_rows_spec(bq, d)]
   out_shape = [jax.ShapeDtypeStruct(qt.shape, q.dtype)]
   if bias_grad:
-    out_specs.append(_spec((None, None, bq, lk_pad), lambda i, j, n: (i, j, n, 0)))
+    out_specs.append(pl.BlockSpec((None, None, bq, lk_pad), lambda i, j, n: (i, j, n, 0)))
     out_shape.append(jax.ShapeDtypeStruct((b, h, lq_pad, lk_pad), jnp.float32))
   kernel = functools.partial(_dq_kernel, block_k=bk, **statics)
   if not bias_grad:
