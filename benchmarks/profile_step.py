@@ -19,13 +19,9 @@ import re
 import tempfile
 
 import jax
-import numpy as np
 from absl import app, flags
 
 from benchmarks import train_throughput
-from big_vision_like.parallel import mesh as mesh_lib
-from big_vision_like.parallel import sharding
-from big_vision_like.train import Trainer
 
 _TOP = flags.DEFINE_integer("top", 20, "Op kinds to print.")
 _RUNTIME_EVENTS = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjitFunction", "ParseArguments",
@@ -34,15 +30,8 @@ _RUNTIME_EVENTS = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjitFunction", "Pa
 
 def op_times(name: str, steps: int) -> collections.Counter:
   """Microseconds per op kind over `steps` traced steps."""
-  config, size, channels, batch = train_throughput.config_for(name)
-  mesh = mesh_lib.make_mesh(mesh_lib.config_axes(config))
-  rng = np.random.default_rng(0)
-  host_batch = {"image": rng.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32),
-                "label": rng.integers(0, config.model.num_classes, batch).astype(np.int32)}
-  with jax.set_mesh(mesh), tempfile.TemporaryDirectory() as trace_dir:
-    trainer = Trainer(config, mesh, steps_per_epoch=1000)
-    device_batch = sharding.put_batch(host_batch, mesh)
-    state = trainer.init_state()
+  with train_throughput.prepared(name) as (trainer, state, device_batch), \
+      tempfile.TemporaryDirectory() as trace_dir:
     for _ in range(3):  # compile and warm up outside the trace
       state, metrics = trainer.train_step(state, device_batch)
     jax.block_until_ready(metrics)

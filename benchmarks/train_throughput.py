@@ -12,6 +12,7 @@ in the same run.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import jax
@@ -38,8 +39,8 @@ SETTINGS = {
 }
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+def matmul_gflops(n: int = 2048, repeats: int = 10, dtype=jnp.float32) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   f = jax.jit(lambda x, y: x @ y)
   f(a, a).block_until_ready()
   times = []
@@ -63,18 +64,24 @@ def config_for(name: str, batch: int | None = None):
   return config, size, channels, batch
 
 
-def measure(name: str, batch: int | None = None, **model) -> dict:
-  """`model` overrides config.model fields (attention, remat, ...)."""
+@contextlib.contextmanager
+def prepared(name: str, batch: int | None = None, **model):
+  """(trainer, initial state, device-resident random batch) of a setting, inside
+  its mesh. `model` overrides config.model fields (attention, remat, ...)."""
   config, size, channels, batch = config_for(name, batch)
   config.model.update(model)
   mesh = mesh_lib.make_mesh(mesh_lib.config_axes(config))
+  rng = np.random.default_rng(0)
+  batch_np = {"image": rng.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32),
+              "label": rng.integers(0, config.model.num_classes, batch).astype(np.int32)}
   with jax.set_mesh(mesh):
     trainer = Trainer(config, mesh, steps_per_epoch=1000)
-    rng = np.random.default_rng(0)
-    batch_np = {"image": rng.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32),
-                "label": rng.integers(0, config.model.num_classes, batch).astype(np.int32)}
-    device_batch = sharding.put_batch(batch_np, mesh)
-    state = trainer.init_state()
+    yield trainer, trainer.init_state(), sharding.put_batch(batch_np, mesh)
+
+
+def measure(name: str, batch: int | None = None, **model) -> dict:
+  with prepared(name, batch, **model) as (trainer, state, device_batch):
+    batch = device_batch["label"].shape[0]
     compiled = trainer.train_step.lower(state, device_batch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

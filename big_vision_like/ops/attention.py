@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from big_vision_like.ops.chunked import chunked_attention
+from big_vision_like.ops.chunked import as_4d, chunked_attention
 from big_vision_like.ops.pallas_attention import pallas_attention
 
 
@@ -111,10 +111,6 @@ def _check_shapes(q, k, v, bias, mask):
                        f"the logits [batch, heads, q_len, k_len] = {logits}")
 
 
-def _as_4d(x):
-  return None if x is None else jnp.reshape(x, (1,) * (4 - x.ndim) + x.shape)
-
-
 def _per_shard(fn, q, k, v, bias, mask, scale, shard_axes):
   """`fn` on each device's examples and heads (shard_map), or as is outside a mesh."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -130,7 +126,7 @@ def _per_shard(fn, q, k, v, bias, mask, scale, shard_axes):
   if batch is None and heads is None:
     return fn(q, k, v, bias, mask, scale)
   qkv = P(batch, None, heads, None)
-  extras = [x for x in (_as_4d(bias), _as_4d(mask)) if x is not None]
+  extras = [x for x in (as_4d(bias), as_4d(mask)) if x is not None]
   extra_specs = [P(batch if x.shape[0] > 1 else None, heads if x.shape[1] > 1 else None)
                  for x in extras]
 

@@ -20,6 +20,11 @@ import jax.numpy as jnp
 NEG = float(jnp.finfo(jnp.float32).min)  # a masked logit, as in the XLA reference
 
 
+def as_4d(x):
+  """A bias or mask [.., Lq|1, Lk|1] as [B|1, H|1, Lq|1, Lk|1] (None stays None)."""
+  return None if x is None else jnp.reshape(x, (1,) * (4 - x.ndim) + x.shape)
+
+
 def _pad_to(x, axis, multiple, value=0):
   size = x.shape[axis]
   pad = (-size) % multiple
@@ -175,6 +180,5 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def chunked_attention(q, k, v, bias, mask, scale, *, q_chunk: int = 512,
                       k_chunk: int = 512):
   """Same contract as the XLA reference; bias and mask get 4-D [B|1, H|1, Lq|1, Lk|1]."""
-  expand = lambda x: None if x is None else x.reshape((1,) * (4 - x.ndim) + x.shape)
-  return _attention(q, k, v, expand(bias), expand(mask), float(scale), int(q_chunk),
+  return _attention(q, k, v, as_4d(bias), as_4d(mask), float(scale), int(q_chunk),
                     int(k_chunk))

@@ -301,10 +301,9 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def _combined_bias(bias, mask):
   """Bias and mask as one additive [B|1, H|1, Lq|1, Lk|1] float32 array, or None."""
-  expand = lambda x: x.reshape((1,) * (4 - x.ndim) + x.shape)
-  out = None if bias is None else expand(bias).astype(jnp.float32)
+  out = None if bias is None else chunked.as_4d(bias).astype(jnp.float32)
   if mask is not None:
-    additive = jnp.where(expand(mask), 0.0, NEG).astype(jnp.float32)
+    additive = jnp.where(chunked.as_4d(mask), 0.0, NEG).astype(jnp.float32)
     out = additive if out is None else jnp.maximum(out + additive, NEG)
   return out
 
