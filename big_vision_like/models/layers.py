@@ -5,6 +5,7 @@ match differ on them (timm ViT: eps 1e-6, exact GELU).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -83,8 +84,18 @@ class Attention(nnx.Module):
     return self.out(out.reshape(out.shape[:-2] + (-1,)))
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU as torch / timm compute it, x * (1 + erf(x / sqrt 2)) / 2.
+
+  `jax.nn.gelu(approximate=False)` goes through erfc, which XLA's CPU backend
+  lowers to exponentials and selects: this form gives the same values (within
+  1e-6 in float32) and made the 32x32 ViT's training step ~5% faster on CPU
+  (benchmarks/train_throughput.py)."""
+  return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(math.sqrt(0.5), x.dtype)))
+
+
 ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
 }

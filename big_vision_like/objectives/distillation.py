@@ -46,7 +46,7 @@ class DinoHead(nnx.Module):
     for i, layer in enumerate(self.mlp):
       x = layer(x)
       if i < len(self.mlp) - 1:
-        x = jax.nn.gelu(x, approximate=False)
+        x = layers.gelu(x)
     x = normalize(x, eps=1e-12)
     v = self.last_v[...]
     # DINO keeps the last layer fixed for the first steps: no gradient to it.
