@@ -13,6 +13,7 @@ in the same run.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 
 import jax
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from big_vision_like import configuration
+from big_vision_like import configuration, cpu_allocator
 from big_vision_like.parallel import mesh as mesh_lib
 from big_vision_like.parallel import sharding
 from big_vision_like.train import Trainer
@@ -29,13 +30,21 @@ _MODELS = flags.DEFINE_list("models", ["vit_ti16", "vit32"], "Settings to run.")
 _STEPS = flags.DEFINE_integer("steps", 12, "Timed steps (median reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype (params stay float32).")
+_JSON = flags.DEFINE_bool("json", False, "Also print each row as a JSON line (for scripts).")
 
 SETTINGS = {
-    # name: (model kwargs, image size, channels, batch)
+    # name: (model fields, image size, channels, batch); the timm settings of
+    # ../shared/tools/timm_bench.py where timm has the model.
     "vit_ti16": (dict(variant="Ti/16", num_classes=1000, pool="cls"), 224, 3, 32),
     "vit32": (dict(patch_size=4, width=192, depth=6, num_heads=3, mlp_dim=768,
                    num_classes=10, pool="cls"), 32, 3, 128),
     "vit_b16": (dict(variant="B/16", num_classes=1000, pool="cls"), 224, 3, 256),
+    "swin_t": (dict(name="swin", variant="T", num_classes=1000, drop_path=0.0), 224, 3, 32),
+    # configs/perceiver_cifar10.py's classifier, float32, at vit32's batch.
+    "perceiver32": (dict(name="perceiver", num_classes=10, preprocessor="pixels",
+                         posemb="fourier", num_bands=32, num_latents=128, latent_dim=256,
+                         num_blocks=2, self_attends_per_block=4, self_heads=8,
+                         cross_heads=1, decoder="class"), 32, 3, 128),
 }
 
 
@@ -57,8 +66,8 @@ def config_for(name: str, batch: int | None = None):
   config = configuration.defaults()
   config.total_steps = 10_000
   config.input.batch_size = batch
-  config.model = dict(name="vit", image_size=size, channels=channels,
-                      dtype=_DTYPE.value, **model)
+  config.model = dict(name="vit", image_size=size, channels=channels, dtype=_DTYPE.value)
+  config.model.update(model)
   config.objective = dict(name="supervised")
   config.optim.update(lr=1e-3, weight_decay=0.05, warmup_steps=0)
   return config, size, channels, batch
@@ -107,7 +116,8 @@ def main(argv):
   peak_after = matmul_gflops()
   peak = (peak_before + peak_after) / 2
   print(f"\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}, "
-        f"compute dtype {_DTYPE.value}, median of {_STEPS.value} steps")
+        f"compute dtype {_DTYPE.value}, median of {_STEPS.value} steps, "
+        f"malloc: {cpu_allocator.active()}")
   print(f"float32 matmul 2048^3: {peak_before:.1f} GFLOP/s before, "
         f"{peak_after:.1f} after")
   print("| setting | batch | step (ms) | images/s | GFLOP/step | GFLOP/s | % of matmul |")
@@ -115,6 +125,9 @@ def main(argv):
   for r in rows:
     print(f"| {r['name']} | {r['batch']} | {r['step_ms']:.1f} | {r['img_s']:.1f} | "
           f"{r['gflop_step']:.1f} | {r['gflop_s']:.1f} | {100 * r['gflop_s'] / peak:.0f}% |")
+  if _JSON.value:
+    for r in rows:
+      print(json.dumps(dict(r, matmul_gflop_s=peak, malloc=cpu_allocator.active())))
 
 
 if __name__ == "__main__":

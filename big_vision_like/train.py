@@ -24,7 +24,7 @@ from absl import logging
 from flax import nnx
 
 from big_vision_like import checkpoint as checkpoint_lib
-from big_vision_like import configuration, data, optim
+from big_vision_like import configuration, cpu_allocator, data, optim
 from big_vision_like.evaluators import EVALUATORS
 from big_vision_like.metrics import MetricWriter
 from big_vision_like.objectives import OBJECTIVES
@@ -290,6 +290,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = mesh_lib.make_mesh(mesh_lib.config_axes(config))
   logging.info("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape),
                jax.device_count(), jax.devices()[0].platform, jax.process_count())
+  if allocator_hint := cpu_allocator.hint(jax.devices()[0].platform):
+    logging.warning(allocator_hint)
 
   with jax.set_mesh(mesh):
     train_source = data.build_source(config.input, "config.input")
