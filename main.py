@@ -34,6 +34,13 @@ def _parse_flags(argv):
     return flags.FLAGS(argv)
   except Exception as e:  # config_flags raises AttributeError/KeyError for typos
     message = " ".join(str(e).replace("\\n", " ").strip("'\"").split())
+    # A KeyError carries only the key: say which override it came from.
+    overrides = [a.split("=")[0][2:] for a in argv if a.startswith("--config.")]
+    named = [o for o in overrides if o.endswith("." + message)]
+    if " " not in message and named:
+      parent = named[0].rsplit(".", 1)[0]
+      message = (f"--{named[0]}: {parent} has no field {message!r}; an override can only "
+                 f"set fields the config file defines")
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 

@@ -26,7 +26,7 @@ def get_config(arg: str | None = None):
   ]
   config.model = dict(name="vit", num_classes=10, patch_size=1, width=64, depth=3,
                       num_heads=4, mlp_dim=128, image_size=8, channels=1, pool="gap",
-                      posemb="sincos2d")
+                      posemb="sincos2d", dtype="float32")
   config.objective = dict(name="supervised", label_smoothing=0.1)
   config.optim.lr = 2e-3
   config.optim.weight_decay = 0.05

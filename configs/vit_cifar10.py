@@ -23,7 +23,8 @@ def get_config(arg: str | None = None):
 
   common.cifar10(config, batch_size=128)
   config.model = dict(name="vit", num_classes=10, patch_size=4, width=128, depth=6,
-                      num_heads=4, mlp_dim=256, image_size=32, channels=3, pool="gap")
+                      num_heads=4, mlp_dim=256, image_size=32, channels=3, pool="gap",
+                      dtype="float32")
   config.objective = dict(name="supervised", label_smoothing=0.1)
   config.optim.lr = 1e-3
   config.optim.weight_decay = 0.05
