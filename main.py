@@ -8,6 +8,7 @@ Multi-process: run the same command in every process with
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables, or
 --distributed on SLURM / Open MPI / Cloud TPU, where JAX detects them).
 """
+import re
 import sys
 
 import jax
@@ -34,13 +35,16 @@ def _parse_flags(argv):
     return flags.FLAGS(argv)
   except Exception as e:  # config_flags raises AttributeError/KeyError for typos
     message = " ".join(str(e).replace("\\n", " ").strip("'\"").split())
-    # A KeyError carries only the key: say which override it came from.
+    # ml_collections' KeyError names only the key ("'dtyp' Did you mean ..."):
+    # say which override it came from.
+    key = re.match(r"""^[\\'"]*(\w+)[\\'"]*( Did you mean "(\w+)")?""", message)
     overrides = [a.split("=")[0][2:] for a in argv if a.startswith("--config.")]
-    named = [o for o in overrides if o.endswith("." + message)]
-    if " " not in message and named:
+    named = [o for o in overrides if key and o.endswith("." + key.group(1))]
+    if named:
       parent = named[0].rsplit(".", 1)[0]
-      message = (f"--{named[0]}: {parent} has no field {message!r}; an override can only "
-                 f"set fields the config file defines")
+      message = f"--{named[0]}: {parent} has no field {key.group(1)!r}; " + (
+          f"did you mean {parent}.{key.group(3)}?" if key.group(3) else
+          "an override can only set fields the config file defines")
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 

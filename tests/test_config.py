@@ -68,8 +68,12 @@ class CommandLineErrorsTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("typo_override", ("--config.total_stepz=5",), 2, "total_stepz"),
-      ("new_field_in_dict", ("--config.model.dtyp=float32",), 2,
-       "--config.model.dtyp: config.model has no field 'dtyp'"),
+      ("typo_in_dict", ("--config.model.dtyp=float32",), 2,
+       "--config.model.dtyp: config.model has no field 'dtyp'; did you mean "
+       "config.model.dtype?"),
+      ("new_field_in_dict", ("--config.model.remat_policy=x",), 2,
+       "--config.model.remat_policy: config.model has no field 'remat_policy'; an override "
+       "can only set fields the config file defines"),
       ("unknown_model", ("--config.model.name=vitt",), 1,
        "config.model.name='vitt' is not a known model; valid names: perceiver, swin, vit"),
       ("missing_dataset", ("--config.input.source=idx", "--config.input.data_dir=/no/such/dir"), 1,

@@ -153,6 +153,22 @@ class ViTTest(parameterized.TestCase):
       self.assertIsNotNone(names, f"{path} has no logical axis names")
       self.assertLen(names, var.get_value().ndim, f"{path}: {names}")
 
+  @parameterized.parameters(((4, 5, 8), 24), ((4, 5, 24), 8), ((7, 16), 16))
+  def test_linear_dot_gradients_match_plain_matmul(self, x_shape, out):
+    # layers.linear_dot picks which operand to transpose for dW (CPU speed);
+    # values and both gradients must be those of x @ w.
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, x_shape)
+    w = jax.random.normal(kw, (x_shape[-1], out))
+    g = jax.random.normal(kg, x_shape[:-1] + (out,))
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    ours = lambda x, w: jnp.sum(layers.linear_dot(x, w, dims) * g)
+    plain = lambda x, w: jnp.sum(jnp.einsum("...i,io->...o", x, w) * g)
+    np.testing.assert_allclose(layers.linear_dot(x, w, dims), x @ w, rtol=1e-6, atol=1e-5)
+    for got, want in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(plain, (0, 1))(x, w)):
+      self.assertEqual(got.shape, want.shape)
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
   def test_exact_gelu_matches_float64_erf(self):
     # The erf form (faster on XLA CPU than jax.nn.gelu's erfc) must keep the
     # exact GELU's values and gradients, tails included.
