@@ -109,7 +109,8 @@ class ViTTest(parameterized.TestCase):
 
     np.testing.assert_allclose(plain(x)[0], remat(x)[0], atol=1e-6)
     for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat))):
-      np.testing.assert_allclose(a, b, atol=1e-5)
+      # Gradients reach ~400 here: float32 summation order alone moves them ~1e-6 relative.
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
   def test_pixel_tokens_train_in_little_memory(self):
     """Patch 1 on 32x32 (1,024 tokens): chunked attention + scan + remat hold a small
