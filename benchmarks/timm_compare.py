@@ -118,10 +118,6 @@ def main(argv):
           times.setdefault((setting, who), []).append(ms)
           print(f"round {r + 1} {setting} {who}: {ms:.0f} ms/step", flush=True)
 
-  def ratios(who):  # timm time / our time, per round (> 1: we are faster)
-    ours, timm = times.get((setting, who), []), times.get((setting, "timm"), [])
-    return [t / o for t, o in zip(timm, ours)] if timm else []
-
   print(f"\nmedian over {_ROUNDS.value} alternating rounds of {_STEPS.value} timed steps; "
         f"speed = timm step time / ours in the same round; tcmalloc: {tcmalloc or 'not installed'}")
   print("| setting | batch | timm ms | ours ms | ours img/s | speed vs timm | "
@@ -129,12 +125,23 @@ def main(argv):
   print("|---|---|---|---|---|---|---|---|")
   for setting in _MODELS.value:
     batch = train_throughput.SETTINGS[setting][3]
-    med = lambda who: (f"{statistics.median(times[(setting, who)]):.0f}"
-                       if (setting, who) in times else "-")
-    speed = lambda who: f"{statistics.median(ratios(who)):.2f}x" if ratios(who) else "-"
     ours = statistics.median(times[(setting, "ours")])
-    print(f"| {setting} | {batch} | {med('timm')} | {med('ours')} | {batch / ours * 1e3:.1f} | "
-          f"{speed('ours')} | {med('ours+tcmalloc')} | {speed('ours+tcmalloc')} |")
+    print(f"| {setting} | {batch} | {_median(times, setting, 'timm')} | "
+          f"{_median(times, setting, 'ours')} | {batch / ours * 1e3:.1f} | "
+          f"{_speed(times, setting, 'ours')} | {_median(times, setting, 'ours+tcmalloc')} | "
+          f"{_speed(times, setting, 'ours+tcmalloc')} |")
+
+
+def _median(times, setting, who) -> str:
+  runs = times.get((setting, who))
+  return f"{statistics.median(runs):.0f}" if runs else "-"
+
+
+def _speed(times, setting, who) -> str:
+  """Median over rounds of timm's time / ours in the same round (> 1: we are faster)."""
+  pairs = zip(times.get((setting, "timm"), []), times.get((setting, who), []))
+  ratios = [timm / ours for timm, ours in pairs]
+  return f"{statistics.median(ratios):.2f}x" if ratios else "-"
 
 
 if __name__ == "__main__":
