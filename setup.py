@@ -26,8 +26,11 @@ setup(
         "scikit-learn>=1.4",  # the bundled digits dataset of the default config
         "tensorboardX>=2.6",
         "sentencepiece>=0.2",  # optional SentencePiece text tokenizer (CLIP / SigLIP)
+        "matplotlib>=3.8",  # experiments' plots, notebooks
     ],
-    extras_require={"test": ["pytest>=8.0"]},
+    # The tests also execute notebooks/ in a Jupyter kernel.
+    extras_require={"test": ["pytest>=8.0", "nbclient>=0.10", "nbformat>=5.10",
+                             "ipykernel>=6.29"]},
     classifiers=["Programming Language :: Python :: 3.11",
                  "Programming Language :: Python :: 3.12"],
 )
