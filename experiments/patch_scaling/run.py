@@ -28,19 +28,23 @@ from big_vision_like import cpu_allocator  # pylint: disable=wrong-import-positi
 
 CONFIG = os.path.join("experiments", "patch_scaling", "config.py")
 
-_OUT = flags.DEFINE_string("out", "/tmp/patch_scaling", "Root of the runs' workdirs.")
-_REPORT = flags.DEFINE_string("report_dir", os.path.dirname(os.path.abspath(__file__)),
-                              "Where results.json / results.md / patch_scaling.png go.")
-_DATASETS = flags.DEFINE_list("datasets", ["cifar10", "fashion_mnist"], "Datasets.")
-_PATCHES = flags.DEFINE_list("patches", ["8", "4", "2", "1"], "Patch sizes.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every patch size but 1.")
-_PIXEL_SEEDS = flags.DEFINE_list("pixel_seeds", ["0"], "Seeds of patch size 1.")
-_SETTING = flags.DEFINE_enum("setting", "cpu", ["cpu", "gpu", "smoke"],
-                             "config.py's SETTINGS entry.")
-_OVERRIDES = flags.DEFINE_multi_string(
-    "override", [], "Extra --config.X=Y for every run, e.g. "
-    "--override=config.input.data_dir=/data/cifar10_jpeg.tar.gz (repeatable).")
-_COLLECT_ONLY = flags.DEFINE_bool("collect_only", False, "Only collect and plot.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Only when run as a script: the tests import this module next to other absl flags."""
+  flags.DEFINE_string("out", "/tmp/patch_scaling", "Root of the runs' workdirs.")
+  flags.DEFINE_string("report_dir", os.path.dirname(os.path.abspath(__file__)),
+                      "Where results.json / results.md / patch_scaling.png go.")
+  flags.DEFINE_list("datasets", ["cifar10", "fashion_mnist"], "Datasets.")
+  flags.DEFINE_list("patches", ["8", "4", "2", "1"], "Patch sizes.")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every patch size but 1.")
+  flags.DEFINE_list("pixel_seeds", ["0"], "Seeds of patch size 1.")
+  flags.DEFINE_enum("setting", "cpu", ["cpu", "gpu", "smoke"], "config.py's SETTINGS entry.")
+  flags.DEFINE_multi_string(
+      "override", [], "Extra --config.X=Y for every run, e.g. "
+      "--override=config.input.data_dir=/data/cifar10_jpeg.tar.gz (repeatable).")
+  flags.DEFINE_bool("collect_only", False, "Only collect and plot.")
 
 
 def plan(datasets, patches, seeds, pixel_seeds) -> list[tuple[str, int, int]]:
@@ -218,11 +222,12 @@ def report(out: str, runs, report_dir: str) -> str:
 
 def main(argv):
   del argv
-  runs = plan(_DATASETS.value, _PATCHES.value, _SEEDS.value, _PIXEL_SEEDS.value)
-  if not _COLLECT_ONLY.value:
-    run_all(runs, _OUT.value, _SETTING.value, _OVERRIDES.value)
-  print(report(_OUT.value, runs, _REPORT.value))
+  runs = plan(FLAGS.datasets, FLAGS.patches, FLAGS.seeds, FLAGS.pixel_seeds)
+  if not FLAGS.collect_only:
+    run_all(runs, FLAGS.out, FLAGS.setting, FLAGS.override)
+  print(report(FLAGS.out, runs, FLAGS.report_dir))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
