@@ -44,10 +44,18 @@ class PatchScalingTest(absltest.TestCase):
     tmp = self.create_tempdir().full_path
     fake_run(os.path.join(tmp, "done"), 10, [(5, 2.0), (10, 1.5)])
     fake_run(os.path.join(tmp, "partial"), 10, [(5, 2.0)])
-    self.assertTrue(run.is_finished(os.path.join(tmp, "done")))
-    self.assertFalse(run.is_finished(os.path.join(tmp, "partial")))
-    self.assertFalse(run.is_finished(os.path.join(tmp, "missing")))
-    self.assertEqual(run.final_eval(os.path.join(tmp, "done", "metrics.jsonl"))["step"], 10)
+    self.assertIsNotNone(run.finished_records(os.path.join(tmp, "done")))
+    self.assertIsNone(run.finished_records(os.path.join(tmp, "partial")))
+    self.assertIsNone(run.finished_records(os.path.join(tmp, "missing")))
+    self.assertEqual(run.final_eval(run.read_records(os.path.join(tmp, "done")))["step"], 10)
+
+  def test_a_line_cut_short_by_a_kill_is_ignored(self):
+    path = os.path.join(self.create_tempdir().full_path, "killed")
+    fake_run(path, 10, [(5, 2.0)])
+    with open(os.path.join(path, "metrics.jsonl"), "a") as f:
+      f.write('{"step": 10, "eval/test/lo')
+    self.assertEqual([r["step"] for r in run.read_records(path)], [1, 5])
+    self.assertIsNone(run.finished_records(path))
 
   def test_summary_and_effect_against_seed_noise(self):
     losses = {(8, 0): 2.0, (8, 1): 2.2, (4, 0): 1.5, (4, 1): 1.9, (1, 0): 1.0}
@@ -79,8 +87,8 @@ class PatchScalingTest(absltest.TestCase):
       rows = json.load(f)["runs"]
     self.assertLen(rows, 4)
     for r in rows:
-      metrics = run.final_eval(os.path.join(run.workdir(out, r["dataset"], r["patch"],
-                                                        r["seed"]), "metrics.jsonl"))
+      metrics = run.final_eval(run.read_records(
+          run.workdir(out, r["dataset"], r["patch"], r["seed"])))
       self.assertEqual((r["step"], r["test_loss"]), (4, metrics["eval/test/loss"]))
     self.assertIn("| fashion_mnist | 8 -> 4 |", table)
     # Finished runs are not trained again.

@@ -61,28 +61,38 @@ def workdir(out: str, dataset: str, patch: int, seed: int) -> str:
   return os.path.join(out, dataset, f"patch{patch}_seed{seed}")
 
 
-def final_eval(metrics_path: str) -> dict | None:
-  """The last record of a run that has test metrics, or None if it has none yet."""
-  if not os.path.exists(metrics_path):
-    return None
-  last = None
-  with open(metrics_path) as f:
-    for line in f:
-      record = json.loads(line)
-      if "eval/test/loss" in record:
-        last = record
-  return last
+def read_records(path: str) -> list[dict]:
+  """A run's metrics.jsonl records; [] before its first log. A line cut short by a
+  kill is ignored (the resumed run writes that step again)."""
+  records = []
+  try:
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:
+          continue
+  except FileNotFoundError:
+    pass
+  return records
 
 
-def is_finished(path: str) -> bool:
-  """True when the run's last test evaluation is at its configured last step."""
+def final_eval(records: list[dict]) -> dict | None:
+  """The last record with test metrics, or None if there is none yet."""
+  evals = [r for r in records if "eval/test/loss" in r]
+  return evals[-1] if evals else None
+
+
+def finished_records(path: str) -> list[dict] | None:
+  """The run's records if its last test evaluation is at its configured last step."""
+  records = read_records(path)
+  record = final_eval(records)
   config_path = os.path.join(path, "config.json")
-  record = final_eval(os.path.join(path, "metrics.jsonl"))
   if record is None or not os.path.exists(config_path):
-    return False
+    return None
   with open(config_path) as f:
     total = json.load(f).get("total_steps")
-  return total is not None and record["step"] >= total
+  return records if total is not None and record["step"] >= total else None
 
 
 def command(dataset: str, patch: int, seed: int, path: str, setting: str,
@@ -99,7 +109,7 @@ def run_all(runs, out, setting, overrides) -> None:
     env["LD_PRELOAD"] = malloc  # 1.2-1.4x on CPU (README "CPU speed")
   for i, (dataset, patch, seed) in enumerate(runs):
     path = workdir(out, dataset, patch, seed)
-    if is_finished(path):
+    if finished_records(path) is not None:
       logging.info("[%d/%d] %s done, skipped", i + 1, len(runs), path)
       continue
     logging.info("[%d/%d] %s", i + 1, len(runs), path)
@@ -111,12 +121,11 @@ def collect(out: str, runs) -> list[dict]:
   """One row per finished run: dataset, patch, seed, test loss / accuracy, img/s."""
   rows = []
   for dataset, patch, seed in runs:
-    path = workdir(out, dataset, patch, seed)
-    if not is_finished(path):
+    records = finished_records(workdir(out, dataset, patch, seed))
+    if records is None:
       continue
-    record = final_eval(os.path.join(path, "metrics.jsonl"))
-    with open(os.path.join(path, "metrics.jsonl")) as f:
-      speeds = [r["images_per_sec"] for r in map(json.loads, f) if "images_per_sec" in r]
+    record = final_eval(records)
+    speeds = [r["images_per_sec"] for r in records if "images_per_sec" in r]
     rows.append({"dataset": dataset, "patch": patch, "seed": seed, "step": record["step"],
                  "test_loss": record["eval/test/loss"],
                  "test_accuracy": record["eval/test/accuracy"],
