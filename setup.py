@@ -27,6 +27,7 @@ setup(
         "tensorboardX>=2.6",
         "sentencepiece>=0.2",  # optional SentencePiece text tokenizer (CLIP / SigLIP)
         "matplotlib>=3.8",  # experiments' plots, notebooks
+        "scipy-openblas32>=0.3.28",  # ops.cpu_gemm: OpenBLAS matmuls on CPU
     ],
     # The tests also execute notebooks/ in a Jupyter kernel.
     extras_require={"test": ["pytest>=8.0", "nbclient>=0.10", "nbformat>=5.10",

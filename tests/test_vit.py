@@ -109,8 +109,9 @@ class ViTTest(parameterized.TestCase):
 
     np.testing.assert_allclose(plain(x)[0], remat(x)[0], atol=1e-6)
     for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat))):
-      # Gradients reach ~400 here: float32 summation order alone moves them ~1e-6 relative.
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+      # Gradients reach ~400 here: float32 summation order alone (XLA's or OpenBLAS's
+      # blocking) moves an entry by ~1e-6 of the tensor's largest.
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(a).max()))
 
   def test_pixel_tokens_train_in_little_memory(self):
     """Patch 1 on 32x32 (1,024 tokens): chunked attention + scan + remat hold a small

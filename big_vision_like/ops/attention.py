@@ -27,20 +27,21 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from big_vision_like.ops import cpu_gemm
 from big_vision_like.ops.chunked import as_4d, chunked_attention
 from big_vision_like.ops.pallas_attention import pallas_attention
 
 
 def _xla_attention(q, k, v, bias, mask, scale):
   """Reference: materialises the [B, H, Lq, Lk] logits, float32 softmax."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                      preferred_element_type=jnp.float32) * scale
+  logits = cpu_gemm.einsum("bqhd,bkhd->bhqk", q, k,
+                           preferred_element_type=jnp.float32) * scale
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  return cpu_gemm.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 def _cudnn_attention(q, k, v, bias, mask, scale):

@@ -1,0 +1,136 @@
+"""ops.cpu_gemm: OpenBLAS products in place of XLA's dots on CPU, values and
+gradients against jnp.einsum at float64, and the fall-backs."""
+import os
+import pathlib
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from big_vision_like.ops import cpu_gemm
+
+# spec, x shape, y shape: the products the models run (dense layers, attention
+# over [B, L, H, D] heads and their gradients) and edge cases of the strides.
+CASES = [
+    ("dense", "mk,kn->mn", (37, 24), (24, 40)),
+    ("dense_3d", "abk,kn->abn", (3, 13, 24), (24, 8)),
+    ("weight_grad", "abk,abn->kn", (3, 13, 24), (3, 13, 8)),
+    ("logits", "bqhd,bkhd->bhqk", (2, 11, 3, 16), (2, 7, 3, 16)),
+    ("weighted_values", "bhqk,bkhd->bqhd", (2, 3, 11, 7), (2, 7, 3, 16)),
+    ("key_grad", "bhqk,bqhd->bkhd", (2, 3, 11, 7), (2, 11, 3, 16)),
+    ("transposed_out", "mk,kn->nm", (9, 5), (5, 6)),
+    ("one_batch_dim", "bmk,bkn->bmn", (4, 6, 5), (4, 5, 3)),
+    ("vector", "mk,k->m", (6, 5), (5,)),
+    ("size_one", "bqhd,bkhd->bhqk", (1, 1, 2, 4), (1, 3, 2, 4)),
+]
+
+
+def _inputs(x_shape, y_shape):
+  rng = np.random.default_rng(0)
+  return (rng.standard_normal(x_shape).astype(np.float32),
+          rng.standard_normal(y_shape).astype(np.float32))
+
+
+def _custom_calls(fn, *args) -> int:
+  return jax.jit(fn).lower(*args).as_text().count(cpu_gemm._TARGET)
+
+
+class CpuGemmTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    if not cpu_gemm.available():
+      self.skipTest("ops.cpu_gemm cannot be built here (see the logged reason)")
+
+  @parameterized.named_parameters(*CASES)
+  def test_values_and_gradients_match_float64(self, spec, x_shape, y_shape):
+    x, y = _inputs(x_shape, y_shape)
+    out = jax.jit(lambda a, b: cpu_gemm.einsum(spec, a, b))(x, y)
+    np.testing.assert_allclose(out, np.einsum(spec, x.astype(np.float64), y), rtol=1e-5,
+                               atol=1e-5)
+    cotangent = np.random.default_rng(1).standard_normal(out.shape).astype(np.float32)
+    loss = lambda f: lambda a, b: jnp.sum(f(spec, a, b) * cotangent)
+    got = jax.jit(jax.grad(loss(cpu_gemm.einsum), argnums=(0, 1)))(x, y)
+    with jax.enable_x64():
+      want = jax.grad(loss(jnp.einsum), argnums=(0, 1))(x.astype(np.float64),
+                                                        y.astype(np.float64))
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    # Forward and both gradients went through OpenBLAS (vectors included).
+    self.assertEqual(
+        _custom_calls(jax.value_and_grad(loss(cpu_gemm.einsum), argnums=(0, 1)), x, y), 3)
+
+  def test_falls_back_to_xla_where_it_does_not_apply(self):
+    x, y = _inputs((4, 6), (6, 5))
+    cases = {
+        "bfloat16": (lambda a, b: cpu_gemm.einsum("mk,kn->mn", a.astype(jnp.bfloat16),
+                                                  b.astype(jnp.bfloat16)), x, y),
+        # m's two indices are not adjacent in the output: no strided view.
+        "non_adjacent": (lambda a, b: cpu_gemm.einsum("ijk,kn->inj", a, b),
+                         x.reshape(2, 2, 6), y),
+    }
+    for name, (fn, a, b) in cases.items():
+      with self.subTest(name):
+        self.assertEqual(_custom_calls(fn, a, b), 0)
+        spec = "mk,kn->mn" if name == "bfloat16" else "ijk,kn->inj"
+        np.testing.assert_allclose(fn(a, b), np.einsum(spec, a, b), rtol=2e-2, atol=5e-2)
+    with cpu_gemm.disabled():
+      self.assertEqual(_custom_calls(lambda a, b: cpu_gemm.einsum("mk,kn->mn", a, b), x, y), 0)
+    self.assertEqual(_custom_calls(lambda a, b: cpu_gemm.einsum("mk,kn->mn", a, b), x, y), 1)
+
+  def test_vmap(self):
+    x, y = _inputs((3, 4, 6), (6, 5))
+    out = jax.vmap(lambda a: cpu_gemm.einsum("mk,kn->mn", a, y))(x)
+    np.testing.assert_allclose(out, x @ y, rtol=1e-5, atol=1e-5)
+
+  def test_rejects_einsums_it_cannot_express(self):
+    x, y = _inputs((4, 6), (6, 5))
+    with self.assertRaisesRegex(ValueError, "summed within one operand"):
+      cpu_gemm.einsum("mk,jn->mn", x, y)
+    with self.assertRaisesRegex(ValueError, "repeated or unknown"):
+      cpu_gemm.einsum("mk,kn->mz", x, y)
+
+  def test_kernel_checks_its_geometry(self):
+    """A geometry that reads past a buffer is an error, not a crash or garbage."""
+    x, y = _inputs((4, 6), (6, 5))
+    geometry, out_shape, _ = cpu_gemm._geometry("mk,kn->mn", x.shape, y.shape)
+    bad = list(geometry)
+    bad[2] = 40  # m: 40 rows of a 4-row matrix
+    call = jax.ffi.ffi_call(cpu_gemm._TARGET, jax.ShapeDtypeStruct((40, 5), jnp.float32))
+    with self.assertRaisesRegex(Exception, "outside a buffer"):
+      jax.block_until_ready(call(x, y, geometry=np.asarray(bad, np.int64)))
+
+
+class BuildTest(absltest.TestCase):
+
+  def test_a_failed_build_says_why_and_einsum_still_works(self):
+    import scipy_openblas32
+    with mock.patch.dict(os.environ, {"CXX": "false", "BVL_CACHE_DIR": self.create_tempdir().full_path}):
+      with self.assertRaisesRegex(cpu_gemm.Unavailable, "compiling cpu_gemm.cc failed"):
+        cpu_gemm._compile(scipy_openblas32)
+    with mock.patch.object(cpu_gemm, "available", return_value=False):
+      x, y = _inputs((4, 6), (6, 5))
+      self.assertEqual(_custom_calls(lambda a, b: cpu_gemm.einsum("mk,kn->mn", a, b), x, y), 0)
+
+  def test_switched_off_by_environment(self):
+    cpu_gemm.available.cache_clear()
+    try:
+      with mock.patch.dict(os.environ, {"BVL_CPU_GEMM": "0"}):
+        self.assertFalse(cpu_gemm.available())
+    finally:
+      cpu_gemm.available.cache_clear()
+
+  def test_build_is_cached_per_source(self):
+    if not cpu_gemm.available():
+      self.skipTest("ops.cpu_gemm cannot be built here")
+    import scipy_openblas32
+    library = cpu_gemm._compile(scipy_openblas32)
+    self.assertTrue(library.exists())
+    self.assertEqual(cpu_gemm._compile(scipy_openblas32), library)  # no rebuild
+    self.assertEqual(library.parent, pathlib.Path(cpu_gemm._cache_dir()))
+
+
+if __name__ == "__main__":
+  absltest.main()
