@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["big_vision_like", "big_vision_like.*"]),
+    # ops.cpu_gemm compiles this on first use, on the user's machine.
+    package_data={"big_vision_like.ops": ["cpu_gemm.cc"]},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",
