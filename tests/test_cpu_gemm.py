@@ -91,6 +91,8 @@ class CpuGemmTest(parameterized.TestCase):
       cpu_gemm.einsum("mk,jn->mn", x, y)
     with self.assertRaisesRegex(ValueError, "repeated or unknown"):
       cpu_gemm.einsum("mk,kn->mz", x, y)
+    with self.assertRaisesRegex(ValueError, r"shapes \(4, 6\) and \(5, 6\) do not fit"):
+      cpu_gemm.einsum("mk,kn->mn", x, y.T)
 
   def test_kernel_checks_its_geometry(self):
     """A geometry that reads past a buffer is an error, not a crash or garbage."""

@@ -1,12 +1,13 @@
-"""Float32 matrix products on CPU through OpenBLAS instead of XLA's own dots.
+"""Float32 products on CPU through OpenBLAS instead of XLA's own dots.
 
-XLA's CPU dots run the shapes of a small ViT's training step (6,304 x 192 x 192,
-the 192-wide weight gradients, attention's 96 x 197 x 64 x 197 batches) at 50-120
-GFLOP/s; OpenBLAS and PyTorch's oneDNN reach 150-250 on the same machine
-(`python -m benchmarks.cpu_gemm`). `einsum` sends a two-operand float32
-contraction to `cpu_gemm.cc`, an XLA FFI custom call that runs OpenBLAS sgemm on
-XLA's own threads, reading operands in place through strides (attention's
+XLA's CPU dots run attention's small batched products (ViT-Ti/16: 96 items of
+197 x 64 x 197) at 25-70 GFLOP/s; OpenBLAS reaches 95-170 and PyTorch 117-188 on
+the same machine (`python -m benchmarks.cpu_gemm`). `einsum` sends a two-operand
+float32 contraction to `cpu_gemm.cc`, an XLA FFI custom call that runs OpenBLAS
+sgemm on XLA's own threads, reading operands in place through strides (attention's
 [B, L, H, D] heads need no transpose). Gradients are products of the same kind.
+ops/attention.py uses it; the dense layers do not (inside the training step they
+were slower through it: a custom call ends XLA's fusions around the dot).
 
 The custom call is compiled with the system C++ compiler on first use, against
 jaxlib's FFI headers and the `scipy-openblas32` wheel, and cached under
@@ -170,6 +171,10 @@ def _geometry(spec, x_shape, y_shape):
   """The cpu_gemm.cc attribute array for `spec`, plus the out shape; None where
   the operands cannot be read in place (callers then use jnp.einsum)."""
   x, y, out, batch, m, n, k = _parse(spec)
+  if len(x) != len(x_shape) or len(y) != len(y_shape) or any(
+      x_shape[x.index(c)] != y_shape[y.index(c)] for c in set(x) & set(y)):
+    raise ValueError(f"einsum {spec!r}: operand shapes {tuple(x_shape)} and "
+                     f"{tuple(y_shape)} do not fit")
   if 0 in x_shape or 0 in y_shape:
     return None
   size = dict(zip(x, x_shape)) | dict(zip(y, y_shape))
