@@ -105,6 +105,25 @@ class CpuGemmTest(parameterized.TestCase):
       jax.block_until_ready(call(x, y, geometry=np.asarray(bad, np.int64)))
 
 
+class AttentionUsesItTest(absltest.TestCase):
+  """The models' attention (ops.dot_product_attention, 'xla' / 'auto' on short
+  sequences) runs its two products through OpenBLAS in float32 on one CPU device,
+  bias and mask included, and through XLA in bfloat16."""
+
+  def test_attention_products_go_through_openblas(self):
+    if not cpu_gemm.available():
+      self.skipTest("ops.cpu_gemm cannot be built here")
+    from big_vision_like import ops
+    q, k = _inputs((2, 9, 2, 8), (2, 9, 2, 8))
+    bias = np.zeros((2, 9, 9), np.float32)
+    mask = np.ones((2, 1, 1, 9), bool)
+    attend = lambda q, k: ops.dot_product_attention(q, k, k, bias=bias, mask=mask,
+                                                    implementation="auto")
+    train = jax.value_and_grad(lambda q, k: jnp.sum(attend(q, k)), argnums=(0, 1))
+    self.assertEqual(_custom_calls(train, q, k), 6)  # 2 products forward, 4 backward
+    self.assertEqual(_custom_calls(attend, q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)), 0)
+
+
 class BuildTest(absltest.TestCase):
 
   def test_a_failed_build_says_why_and_einsum_still_works(self):
