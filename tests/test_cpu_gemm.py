@@ -135,6 +135,19 @@ class BuildTest(absltest.TestCase):
       x, y = _inputs((4, 6), (6, 5))
       self.assertEqual(_custom_calls(lambda a, b: cpu_gemm.einsum("mk,kn->mn", a, b), x, y), 0)
 
+  def test_an_unusable_cache_directory_is_a_warning_not_a_crash(self):
+    blocker = self.create_tempfile()  # a file where the cache directory should be
+    cpu_gemm.available.cache_clear()
+    cpu_gemm._register.cache_clear()
+    try:
+      with mock.patch.dict(os.environ, {"BVL_CACHE_DIR": os.path.join(blocker.full_path, "x")}), \
+          self.assertLogs(level="WARNING") as logs:
+        self.assertFalse(cpu_gemm.available())
+      self.assertIn("OpenBLAS CPU matmuls unavailable", logs.output[0])
+    finally:
+      cpu_gemm.available.cache_clear()
+      cpu_gemm._register.cache_clear()
+
   def test_switched_off_by_environment(self):
     cpu_gemm.available.cache_clear()
     try:

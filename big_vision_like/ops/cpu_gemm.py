@@ -91,7 +91,7 @@ def available() -> bool:
   try:
     _register()
     return True
-  except Unavailable as e:
+  except (Unavailable, OSError) as e:  # OSError: an unwritable cache, a bad library
     logging.warning("OpenBLAS CPU matmuls unavailable, using XLA's: %s", e)
     return False
 
