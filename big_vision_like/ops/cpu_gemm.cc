@@ -1,8 +1,8 @@
 // Float32 (batched, strided) matrix multiply on CPU through OpenBLAS, as an XLA FFI
 // custom call. Compiled on first use by big_vision_like/ops/cpu_gemm.py.
 //
-// Why: XLA's CPU dots run attention's small batched products at 25-70 GFLOP/s
-// where OpenBLAS reaches 95-170 (python -m benchmarks.cpu_gemm).
+// Why: XLA's CPU dots run attention's small batched products at 25-90 GFLOP/s
+// where OpenBLAS reaches 95-190 (python -m benchmarks.cpu_gemm).
 //
 // For every batch index (i, j) < (batch[0], batch[1]):
 //   C[i, j] (m x n, row stride ldc)  =  op(A[i, j]) (m x k)  @  op(B[i, j]) (k x n)

@@ -1,7 +1,7 @@
 """Float32 products on CPU through OpenBLAS instead of XLA's own dots.
 
 XLA's CPU dots run attention's small batched products (ViT-Ti/16: 96 items of
-197 x 64 x 197) at 25-70 GFLOP/s; OpenBLAS reaches 95-170 and PyTorch 117-188 on
+197 x 64 x 197) at 25-90 GFLOP/s; OpenBLAS reaches 95-190 and PyTorch 117-188 on
 the same machine (`python -m benchmarks.cpu_gemm`). `einsum` sends a two-operand
 float32 contraction to `cpu_gemm.cc`, an XLA FFI custom call that runs OpenBLAS
 sgemm on XLA's own threads, reading operands in place through strides (attention's
