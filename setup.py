@@ -31,9 +31,10 @@ setup(
         "matplotlib>=3.8",  # experiments' plots, notebooks
         "scipy-openblas32>=0.3.28",  # ops.cpu_gemm: OpenBLAS matmuls on CPU
     ],
-    # The tests also execute notebooks/ in a Jupyter kernel.
-    extras_require={"test": ["pytest>=8.0", "nbclient>=0.10", "nbformat>=5.10",
-                             "ipykernel>=6.29"]},
+    # The tests also execute notebooks/ in a Jupyter kernel; pytest-xdist runs them
+    # in two worker processes (most tests wait on one-threaded XLA compiles).
+    extras_require={"test": ["pytest>=8.0", "pytest-xdist>=3.5", "nbclient>=0.10",
+                             "nbformat>=5.10", "ipykernel>=6.29"]},
     classifiers=["Programming Language :: Python :: 3.11",
                  "Programming Language :: Python :: 3.12"],
 )
