@@ -1,7 +1,9 @@
 """Train and evaluate: python -m main --config=configs/default.py --workdir=/tmp/run
 
 Any config field can be overridden, e.g. --config.total_steps=100. Running the
-same command again resumes from the newest checkpoint in the workdir.
+same command again resumes from the newest checkpoint in the workdir. On Linux
+with glibc's malloc and tcmalloc installed, the command restarts itself once with
+tcmalloc preloaded (1.2-1.4x faster CPU steps; BVL_TCMALLOC=0 turns that off).
 
 Multi-process: run the same command in every process with
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or the
@@ -11,7 +13,11 @@ JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables, or
 import re
 import sys
 
-import jax
+if __name__ == "__main__":  # before jax allocates anything: maybe restart under tcmalloc
+  from big_vision_like import cpu_allocator
+  cpu_allocator.restart_with_tcmalloc()
+
+import jax  # pylint: disable=g-import-not-at-top
 from absl import app, flags, logging
 from ml_collections import config_flags
 

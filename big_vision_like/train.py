@@ -290,6 +290,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = mesh_lib.make_mesh(mesh_lib.config_axes(config))
   logging.info("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape),
                jax.device_count(), jax.devices()[0].platform, jax.process_count())
+  if allocator_note := cpu_allocator.restarted_note():
+    logging.info(allocator_note)
   if allocator_hint := cpu_allocator.hint(jax.devices()[0].platform):
     logging.warning(allocator_hint)
 

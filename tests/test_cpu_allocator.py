@@ -48,5 +48,75 @@ class CpuAllocatorTest(parameterized.TestCase):
     self.assertIn(out, os.path.basename(library))
 
 
+_TCMALLOC = "/x/libtcmalloc_minimal.so.4"
+
+
+class RestartTest(parameterized.TestCase):
+  """`python -m main` re-executes itself once with tcmalloc preloaded."""
+
+  def _restart(self, environ, *, platform="linux", allocator="system", library=_TCMALLOC):
+    calls = []
+    with mock.patch.object(cpu_allocator, "active", return_value=allocator), \
+        mock.patch.object(cpu_allocator, "installed", return_value=library), \
+        mock.patch.object(sys, "platform", platform):
+      cpu_allocator.restart_with_tcmalloc(environ, lambda *a: calls.append(a))
+    return calls
+
+  def test_execs_the_same_command_with_tcmalloc_first_in_ld_preload(self):
+    environ = {"LD_PRELOAD": "/y/libother.so", "PATH": "/bin"}
+    (path, argv, env), = self._restart(environ)
+    self.assertEqual(path, sys.executable)
+    self.assertEqual(argv[1:], sys.orig_argv[1:])
+    self.assertEqual(env["LD_PRELOAD"], f"{_TCMALLOC} /y/libother.so")
+    self.assertEqual(env[cpu_allocator.RESTARTED], _TCMALLOC)
+    self.assertEqual(env["PATH"], "/bin")
+    self.assertEqual(environ, {"LD_PRELOAD": "/y/libother.so", "PATH": "/bin"})  # untouched
+
+  @parameterized.named_parameters(
+      ("switched_off", {cpu_allocator.SWITCH: "0"}, {}),
+      ("already_restarted", {cpu_allocator.RESTARTED: _TCMALLOC}, {}),
+      ("tcmalloc_loaded", {}, {"allocator": "tcmalloc"}),
+      ("jemalloc_loaded", {}, {"allocator": "jemalloc"}),
+      ("none_installed", {}, {"library": None}),
+      ("not_linux", {}, {"platform": "darwin"}))
+  def test_no_restart(self, environ, kwargs):
+    self.assertEqual(self._restart(environ, **kwargs), [])
+
+  def test_a_failed_exec_returns(self):
+    def fail(*args):
+      raise OSError("exec format error")
+    with mock.patch.object(cpu_allocator, "active", return_value="system"), \
+        mock.patch.object(cpu_allocator, "installed", return_value=_TCMALLOC), \
+        mock.patch.object(sys, "platform", "linux"):
+      self.assertIsNone(cpu_allocator.restart_with_tcmalloc({}, fail))
+
+  def test_restarted_note(self):
+    with mock.patch.dict(os.environ, {cpu_allocator.RESTARTED: _TCMALLOC}), \
+        mock.patch.object(cpu_allocator, "active", return_value="tcmalloc"):
+      self.assertIn(f"Restarted with {_TCMALLOC} preloaded (active)",
+                    cpu_allocator.restarted_note())
+      self.assertIn(cpu_allocator.SWITCH + "=0", cpu_allocator.restarted_note())
+    with mock.patch.dict(os.environ, {}, clear=True):
+      self.assertIsNone(cpu_allocator.restarted_note())
+
+  def test_a_real_process_restarts_once_with_the_same_pid_and_arguments(self):
+    if cpu_allocator.installed(("tcmalloc",)) is None:
+      self.skipTest("no tcmalloc installed (apt install libtcmalloc-minimal4)")
+    code = ("import os, sys\n"
+            "print('start', os.getpid(), flush=True)\n"
+            "from big_vision_like import cpu_allocator\n"
+            "cpu_allocator.restart_with_tcmalloc()\n"
+            "print('running', os.getpid(), cpu_allocator.active(), sys.argv[1:])\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", cpu_allocator.RESTARTED, cpu_allocator.SWITCH)}
+    run = lambda env: subprocess.run([sys.executable, "-c", code, "a", "b c"], env=env,
+                                     capture_output=True, text=True, check=True).stdout.split("\n")
+    start, again, running, _ = run(env)
+    self.assertEqual(start, again)  # the command ran from the top a second time...
+    self.assertEqual(running, f"running {start.split()[1]} tcmalloc ['a', 'b c']")  # ...once
+    start, running, _ = run(dict(env, **{cpu_allocator.SWITCH: "0"}))
+    self.assertEqual(running, f"running {start.split()[1]} system ['a', 'b c']")
+
+
 if __name__ == "__main__":
   absltest.main()
