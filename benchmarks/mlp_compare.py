@@ -82,7 +82,10 @@ def main(argv):
   if not os.path.exists(torch_python):
     sys.exit(f"--timm_python={torch_python} does not exist; build the venv with "
              "../shared/tools/timm_reference_venv.sh")
-  tokens, width, hidden, depth = map(int, _SHAPE.value)
+  try:
+    tokens, width, hidden, depth = map(int, _SHAPE.value)
+  except ValueError:
+    sys.exit(f"--shape={','.join(_SHAPE.value)}: want four integers, tokens,width,hidden,depth")
   gflop = 3 * depth * 2 * (2 * tokens * width * hidden) / 1e9  # forward + 2 backward products
   tcmalloc = cpu_allocator.installed(("tcmalloc",))
   env = dict(os.environ, **({"LD_PRELOAD": tcmalloc} if tcmalloc else {}))

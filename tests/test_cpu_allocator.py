@@ -96,6 +96,9 @@ class RestartTest(parameterized.TestCase):
       self.assertIn(f"Restarted with {_TCMALLOC} preloaded (active)",
                     cpu_allocator.restarted_note())
       self.assertIn(cpu_allocator.SWITCH + "=0", cpu_allocator.restarted_note())
+    with mock.patch.dict(os.environ, {cpu_allocator.RESTARTED: _TCMALLOC}), \
+        mock.patch.object(cpu_allocator, "active", return_value="system"):
+      self.assertIn("NOT loaded", cpu_allocator.restarted_note())  # the loader refused it
     with mock.patch.dict(os.environ, {}, clear=True):
       self.assertIsNone(cpu_allocator.restarted_note())
 
