@@ -47,8 +47,9 @@ def parse_options(items: list[str]) -> dict:
 def compiled_steps(trainer, state, batch, options: dict, control: bool) -> dict:
   """Executables of the same step: 'A' default, 'B' with `options`, maybe "A'"."""
   lowered = trainer.train_step.lower(state, batch)
+  steps = {"A": lowered.compile()}
   try:
-    steps = {"A": lowered.compile(), "B": lowered.compile(compiler_options=options)}
+    steps["B"] = lowered.compile(compiler_options=options)
   except Exception as e:  # XLA names the bad option: "No such compile option: 'x'"
     raise ValueError(f"--options: {str(e).splitlines()[0]}") from e
   if control:
