@@ -39,15 +39,13 @@ rng = np.random.default_rng(0)
 x0 = rng.standard_normal((tokens, width), dtype=np.float32)
 w0 = [rng.standard_normal((width, hidden), dtype=np.float32) * 0.05 for _ in range(depth)]
 v0 = [rng.standard_normal((hidden, width), dtype=np.float32) * 0.05 for _ in range(depth)]
-def best_median(run):
+def best_median_s(run):  # the better of two medians of `repeats` runs, after one untimed
   run()
-  medians = []
-  for _ in range(2):
-    times = []
-    for _ in range(repeats):
-      t = time.perf_counter(); run(); times.append(time.perf_counter() - t)
-    medians.append(statistics.median(times))
-  print(json.dumps({"median_s": min(medians)}))
+  def once():
+    t = time.perf_counter(); run(); return time.perf_counter() - t
+  return min(statistics.median(once() for _ in range(repeats)) for _ in range(2))
+def best_median(run):
+  print(json.dumps({"median_s": best_median_s(run)}))
 """
 
 _TORCH = _COMMON + """
@@ -91,13 +89,8 @@ def each_product(make_run):
   out = {}
   for name, ls, rs, lc, rc in PRODUCTS:
     a = rng.standard_normal(ls, dtype=np.float32); b = rng.standard_normal(rs, dtype=np.float32)
-    run = make_run(a, b, lc, rc)
-    run()
-    seconds = min(statistics.median(_time(run) for _ in range(repeats)) for _ in range(2))
-    out[name] = [seconds, ls[1 - lc], ls[lc], rs[1 - rc]]  # m, k, n
+    out[name] = [best_median_s(make_run(a, b, lc, rc)), ls[1 - lc], ls[lc], rs[1 - rc]]  # m, k, n
   print(json.dumps(out))
-def _time(run):
-  t = time.perf_counter(); run(); return time.perf_counter() - t
 """
 
 _TORCH_PRODUCTS = _PRODUCTS_COMMON + """
@@ -126,20 +119,23 @@ def _result(cmd: list[str], env: dict | None = None) -> dict:
   return [json.loads(l) for l in out.splitlines() if l.startswith("{")][-1]
 
 
-def _ms(cmd: list[str], env: dict | None = None) -> float:
-  return 1e3 * _result(cmd, env)["median_s"]
-
-
-def _products(torch_python, env, shape):
-  """Per-product GFLOP/s of each side, alternating processes; prints the table."""
-  tokens, width, hidden, _ = shape
+def _rounds(torch_python, torch_code, jax_code, env) -> list[dict]:
+  """Per round, {"torch": result, "xla": result}, fresh processes, alternating
+  which goes first; XLA's process gets `env` (tcmalloc)."""
   rows = []
   for r in range(_ROUNDS.value):
-    runs = [("torch", [torch_python, "-c", _TORCH_PRODUCTS], None),
-            ("xla", [sys.executable, "-c", _JAX_PRODUCTS], env)]
+    runs = [("torch", [torch_python, "-c", torch_code], None),
+            ("xla", [sys.executable, "-c", jax_code], env)]
     rows.append({who: _result(cmd, run_env)
                  for who, cmd, run_env in (runs if r % 2 == 0 else runs[::-1])})
     print(f"round {r + 1} done", flush=True)
+  return rows
+
+
+def _products(torch_python, env, shape):
+  """Per-product GFLOP/s of each side; prints the table."""
+  tokens, width, hidden, _ = shape
+  rows = _rounds(torch_python, _TORCH_PRODUCTS, _JAX_PRODUCTS, env)
   print(f"\nEach product alone, {tokens} tokens, width {width}, hidden {hidden}; median over "
         f"{_ROUNDS.value} alternating rounds (xla under {env.get('LD_PRELOAD', 'glibc malloc')})")
   print("| product | m x k x n | torch GFLOP/s | xla GFLOP/s | xla / torch speed |")
@@ -165,15 +161,8 @@ def main(argv):
   env = dict(os.environ, **({"LD_PRELOAD": tcmalloc} if tcmalloc else {}))
   if _PRODUCTS.value:
     return _products(torch_python, env, (tokens, width, hidden, depth))
-  rows = []
-  for r in range(_ROUNDS.value):
-    runs = [("torch", lambda: _ms([torch_python, "-c", _TORCH])),
-            ("xla", lambda: _ms([sys.executable, "-c", _JAX], env))]
-    if r % 2:
-      runs.reverse()
-    times = {who: fn() for who, fn in runs}
-    rows.append(times)
-    print(f"round {r + 1}: torch {times['torch']:.0f} ms, xla {times['xla']:.0f} ms", flush=True)
+  rows = [{who: 1e3 * result["median_s"] for who, result in row.items()}
+          for row in _rounds(torch_python, _TORCH, _JAX, env)]
   print(f"\nMLP {tokens} x {width} -> {hidden} -> {width}, depth {depth}, forward + backward "
         f"({gflop:.1f} GFLOP); xla under {tcmalloc or 'glibc malloc'}")
   print("| round | torch ms | xla ms | torch GFLOP/s | xla GFLOP/s | torch / xla time |")
