@@ -10,10 +10,28 @@ Multi-process: run the same command in every process with
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables, or
 --distributed on SLURM / Open MPI / Cloud TPU, where JAX detects them).
 """
+import importlib.machinery
+import importlib.util
+import os
 import re
+import signal
 import sys
+import traceback
+
+PREEMPTED_EARLY = ("SIGTERM before training started: nothing to save; run the same "
+                   "command to resume.")
+
+
+def _sigterm_before_training(signum, frame):
+  """Until the trainer takes over SIGTERM (imports, flag parsing), there is nothing to
+  save: exit at once, successfully, as a preempted run does."""
+  del signum, frame
+  print(PREEMPTED_EARLY, file=sys.stderr, flush=True)
+  os._exit(0)  # pylint: disable=protected-access
+
 
 if __name__ == "__main__":  # before jax allocates anything: maybe restart under tcmalloc
+  signal.signal(signal.SIGTERM, _sigterm_before_training)
   from big_vision_like import cpu_allocator
   cpu_allocator.restart_with_tcmalloc()
 
@@ -21,7 +39,68 @@ import jax  # pylint: disable=g-import-not-at-top
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+
+class _ConfigFileError(Exception):
+  """A --config file that is missing or fails to load (not a ValueError, which absl
+  would wrap in its own message)."""
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+  """Loads file.py[:arg] as ml_collections does, but a missing file or an error in it
+  is one line naming the file and line, not a traceback (or two chained ones)."""
+
+  def __init__(self, name: str):
+    self.name = name
+
+  def flag_type(self):
+    return "config object"
+
+  def parse(self, argument):
+    path, *arg = argument.split(":", 1)
+    if not path:
+      raise _ConfigFileError("no file given; use --config=file.py[:arg]")
+    if not os.path.exists(path):
+      raise _ConfigFileError(f"{path} does not exist")
+    if os.path.isdir(path):
+      raise _ConfigFileError(f"{path} is a directory, not a config file")
+    try:
+      name = f"{self.name}_config"
+      spec = importlib.util.spec_from_file_location(  # any extension, as ml_collections
+          name, path, loader=importlib.machinery.SourceFileLoader(name, path))
+      module = importlib.util.module_from_spec(spec)
+      sys.modules[name] = module  # as ml_collections' loader does
+      spec.loader.exec_module(module)
+      if not hasattr(module, "get_config"):
+        raise _ConfigFileError(f"{path} defines no get_config()")
+      config = module.get_config(*arg)
+    except _ConfigFileError:
+      raise
+    except Exception as e:  # the user's code: name where it failed
+      raise _ConfigFileError(_where(e, path)) from e
+    if config is None:
+      raise _ConfigFileError(f"{path}: get_config() returned None; is a return missing?")
+    if callable(getattr(config, "lock", None)):  # overrides may set only existing fields
+      config.lock()
+    return config
+
+
+def _where(e: Exception, path: str) -> str:
+  """'file:line: Type: message' for the innermost line of the config file (or the
+  file with the syntax error) that raised `e`."""
+  message = " ".join(str(e.msg if isinstance(e, SyntaxError) else e).split())
+  if isinstance(e, SyntaxError) and e.filename:
+    where = f"{e.filename}:{e.lineno}" if e.lineno else e.filename
+  else:
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+             if os.path.abspath(f.filename) == os.path.abspath(path)]
+    where = f"{path}:{lines[-1]}" if lines else path
+  return f"{where}: {type(e).__name__}" + (f": {message}" if message else "")
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (file.py[:arg]).")
+# ml_collections' own loader defers a missing file's error to the first access (two
+# chained tracebacks) and puts the traceback of any other into the flag's message.
+flags.FLAGS["config"].parser = _ConfigFileParser("config")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
 flags.mark_flags_as_required(["config", "workdir"])
 _COORDINATOR = flags.DEFINE_string(
@@ -39,6 +118,9 @@ def _parse_flags(argv):
   """absl flag parsing, but a bad flag or config override is one line, not a traceback."""
   try:
     return flags.FLAGS(argv)
+  except _ConfigFileError as e:
+    print(f"error: --config: {e}", file=sys.stderr)
+    sys.exit(2)
   except Exception as e:  # config_flags raises AttributeError/KeyError for typos
     message = " ".join(str(e).replace("\\n", " ").strip("'\"").split())
     # ml_collections' KeyError names only the key ("'dtyp' Did you mean ..."):
@@ -60,6 +142,8 @@ class _QuietLibraries:
 
   def filter(self, record):
     noisy = ("/orbax/" in record.pathname or "/grain/" in record.pathname)
+    if noisy and record.exc_info:  # e.g. a failed background save: the run reports
+      record.exc_info = record.exc_text = None  # it in one line; no tracebacks
     return record.levelno >= 30 or not noisy
 
 
@@ -68,7 +152,6 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from big_vision_like import train  # pylint: disable=g-import-not-at-top
   from big_vision_like.parallel import distributed  # pylint: disable=g-import-not-at-top
-  from big_vision_like.registry import ConfigError  # pylint: disable=g-import-not-at-top
   try:
     if distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                               auto=_DISTRIBUTED.value,
@@ -77,7 +160,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     metrics = train.train_and_evaluate(config, _WORKDIR.value)
-  except (ConfigError, train.NonFiniteLossError) as e:
+  except train.RUN_ERRORS as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -1,46 +1,135 @@
-"""Orbax checkpoints that always resume.
+"""Orbax checkpoints that always resume, and never resume from garbage.
 
 One checkpoint holds everything needed to continue exactly: the train state
-(params, optimiser state, objective state, step, RNG, EMA) and the data
-iterator's position. Saves are asynchronous and atomic (Orbax writes to a
-temporary directory and renames it), so a run killed mid-save leaves the
-previous checkpoint intact. A checkpoint that fails to restore is moved aside
-(renamed `<step>.corrupt`, nothing deleted) and the previous one is used.
+(params, optimiser state, objective state, step, RNG, EMA), the data
+iterator's position, and a small JSON `meta` item: a fingerprint of every
+state leaf and the facts about the run that give the data position its
+meaning (batch size, seed, number of examples, processes).
+
+Saves are asynchronous and atomic (Orbax writes to a temporary directory and
+renames it), so a run killed mid-save leaves the previous checkpoint intact; a
+save that fails in the background (a full disk) is reported at the next check
+with one line naming the checkpoint and the error.
+
+Restoring is all or nothing, newest checkpoint first:
+- a checkpoint of another config (a parameter or optimiser entry that one side
+  lacks, a shape that differs) or of another run layout (batch size, seed,
+  dataset size, processes) is a `ConfigError` naming the difference; nothing
+  is moved;
+- a checkpoint that fails to read, whose restored bytes don't match the
+  fingerprint written with it (flipped bytes in an array file: Orbax and
+  TensorStore keep no checksum of the data), or that holds NaN/inf parameters
+  is corrupt: it is moved aside (renamed `<step>.corrupt`, nothing deleted),
+  the data iterator is put back where it was, and the previous one is tried.
+
+The fingerprint is our own because the storage layers have none to verify:
+per leaf, the sum over elements of (bits x an odd multiplier of the element's
+index) modulo 2^32, computed on device in one jitted pass. Any single changed
+element changes it (odd multipliers are invertible mod 2^32).
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+import re
+from typing import Any, Callable
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from big_vision_like.registry import ConfigError
+from big_vision_like.workdir import WriteError
+
+
+# Which config fields shape each part of the state, for mismatch messages.
+_SECTION_FIELDS = {"params": "config.model / config.objective",
+                   "other": "config.objective", "opt_state": "config.optim",
+                   "ema_params": "config.optim.ema_decay"}
+
+
+class CheckpointWriteError(WriteError):
+  """A checkpoint could not be written (full disk, lost permissions); the ones
+  saved before it are intact."""
 
 
 def _key(k) -> str:
   return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
 
 
-def _shapes(tree) -> dict[str, tuple]:
-  return {"/".join(_key(k) for k in path): tuple(leaf.shape)
+def _flat(tree) -> dict[str, Any]:
+  return {"/".join(_key(k) for k in path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  return {name: tuple(leaf.shape) for name, leaf in _flat(tree).items()}
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _write_reason(e: BaseException) -> str:
+  """TensorStore's long write errors as 'path: reason'."""
+  text = str(e)
+  found = re.search(r'writing local file "([^"]+)".*?: ([^:\[\]]+?) \[os_error_code', text)
+  return f"{found.group(1)}: {found.group(2)}" if found else _first_line(e)
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+  bits = jnp.dtype(x.dtype).itemsize * 8
+  if x.dtype == jnp.bool_:
+    u = x.astype(jnp.uint32)
+  elif bits == 64:  # -> [..., 2] uint32
+    u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  else:
+    u = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}")).astype(jnp.uint32)
+  index = jnp.zeros(u.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(u.ndim)):  # the row-major index, without a reshape
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, u.shape, axis) * jnp.uint32(stride)
+    stride = (stride * u.shape[axis]) % (1 << 32)
+  odd = index * jnp.uint32(2) + jnp.uint32(1)
+  return jnp.sum(u * odd * jnp.uint32(0x9E3779B1), dtype=jnp.uint32)
+
+
+_fingerprints = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
+
+
+def fingerprint(state: Any) -> dict[str, int]:
+  """{leaf path: uint32 fingerprint of its bits} of a (possibly sharded) state."""
+  out = _flat(_fingerprints(state))
+  return {name: int(np.asarray(v.addressable_data(0))) for name, v in out.items()}
+
+
+def _nonfinite(state: Any) -> list[str]:
+  """Paths of floating-point leaves that hold NaN or inf."""
+  flat = _flat(state)
+  floats = {n: v for n, v in flat.items() if jnp.issubdtype(v.dtype, jnp.floating)}
+  ok = jax.jit(lambda t: jax.tree.map(lambda v: jnp.isfinite(v).all(), t))(floats)
+  return [n for n, v in ok.items() if not bool(np.asarray(v.addressable_data(0)))]
 
 
 class Checkpointer:
 
-  def __init__(self, directory: str, *, keep: int = 3, asynchronous: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3, asynchronous: bool = True,
+               read_only: bool = False):
+    """`read_only`: for tools reading another run's checkpoints while it may be
+    writing them (no clean-up of its temporary directories, nothing created)."""
     self.directory = os.path.abspath(directory)
     self._options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=asynchronous)
+        max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only,
+        read_only=read_only, enable_async_checkpointing=asynchronous)
     self._manager = self._open()
+    self._saving: int | None = None  # the step of the last save not yet checked
 
   def _open(self) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(self.directory, options=self._options,
-                                 item_names=("state", "data"))
+                                 item_names=("state", "data", "meta"))
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -51,17 +140,53 @@ class Checkpointer:
   def path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def save(self, step: int, state: Any, data_iterator) -> None:
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+  # -- saving ----------------------------------------------------------------
 
-  def restore(self, abstract_state: Any, data_iterator) -> tuple[Any, int] | None:
-    """Restores the newest checkpoint that reads back; None if there is none.
+  def save(self, step: int, state: Any, data_iterator, run: dict | None = None) -> None:
+    """Starts writing checkpoint `step` (in the background when asynchronous).
+
+    `run` is stored beside the state and handed back by `restore`, for the
+    caller to check that a resume means what it says.
+    """
+    self.wait()  # Orbax would wait for the previous save anyway; its error is its own
+    meta = {"fingerprint": fingerprint(state), "run": dict(run or {})}
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iterator),
+          meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # a synchronous save, or the start of an async one
+      raise self._write_error(step, e) from None
+    self._saving = step
+    self.check_for_errors()
+
+  def check_for_errors(self) -> None:
+    """Raises CheckpointWriteError if a background save has failed."""
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:
+      raise self._write_error(self._saving, e) from None
+
+  def _write_error(self, step: int | None, e: BaseException) -> CheckpointWriteError:
+    kept = [s for s in self.all_steps() if s != step]
+    where = self.path(step) if step is not None else self.directory
+    newest = f"the newest intact one is {self.path(kept[-1])}" if kept else "none was saved before"
+    return CheckpointWriteError(
+        f"cannot write checkpoint {where}: {_write_reason(e)}; {newest}. Free space (or "
+        f"fix the permissions) and run the same command to resume.")
+
+  # -- restoring -------------------------------------------------------------
+
+  def restore(self, abstract_state: Any, data_iterator,
+              check_run: Callable[[int, dict], None] | None = None):
+    """(state, step, run) from the newest checkpoint that reads back intact, or None.
 
     `abstract_state` carries the target shardings, so a checkpoint written on
-    one device layout restores onto another.
+    one device layout restores onto another. `check_run(step, run)` may raise
+    ConfigError to refuse a checkpoint whose run facts differ. The data
+    iterator is moved only when the whole checkpoint restores.
     """
+    fresh = data_iterator.get_state()
     for step in reversed(self.all_steps()):
       try:
         self._check_matches(step, abstract_state)
@@ -70,41 +195,108 @@ class Checkpointer:
       except Exception:  # unreadable metadata: let the restore below report it
         pass
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
+        meta = self._read_meta(step)
+        if check_run is not None:
+          check_run(step, meta.get("run", {}))
+        restored = self._read_state(step, abstract_state, meta)
+        self._manager.restore(step, args=ocp.args.Composite(
             data=grain.checkpoint.CheckpointRestore(data_iterator)))
-        return restored["state"], step
+        return restored, step, meta.get("run", {})
+      except ConfigError:
+        raise
       except Exception as e:  # Orbax / tensorstore raise many error types
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        aside = self.path(step) + ".corrupt"
-        logging.error("Checkpoint %s is corrupt or incomplete (%s); moved it to "
-                      "%s and trying the previous one.", self.path(step), reason, aside)
-        if jax.process_index() == 0:
-          os.replace(self.path(step), aside)
-        self._manager.close()
-        self._manager = self._open()
+        data_iterator.set_state(fresh)
+        self._move_aside(step, _first_line(e))
+    data_iterator.set_state(fresh)
     return None
 
+  def read(self, step: int, abstract_state: Any) -> Any:
+    """The verified state of checkpoint `step` alone (no data position), for tools
+    that read a run; a checkpoint that fails to verify is a ConfigError, left in place."""
+    self._check_matches(step, abstract_state)
+    try:
+      return self._read_state(step, abstract_state, self._read_meta(step))
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(f"checkpoint {self.path(step)} is corrupt or incomplete: "
+                        f"{_first_line(e)}") from None
+
+  def _read_state(self, step: int, abstract_state: Any, meta: dict) -> Any:
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))["state"]
+    self._verify(restored, meta)
+    return restored
+
+  def _read_meta(self, step: int) -> dict:
+    if not os.path.isdir(os.path.join(self.path(step), "meta")):
+      logging.warning("Checkpoint %s has no fingerprint (written by an older version); "
+                      "its contents cannot be verified.", self.path(step))
+      return {}
+    return self._manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"] or {}
+
+  def _verify(self, restored: Any, meta: dict) -> None:
+    expected = meta.get("fingerprint")
+    if expected is not None:
+      actual = fingerprint(restored)
+      changed = sorted(n for n in actual if expected.get(n) != actual[n])
+      if changed:
+        raise ValueError(f"{len(changed)} arrays differ from what was written "
+                         f"(first: {changed[0]}): the files were changed after the save")
+    bad = _nonfinite(restored)
+    if bad:
+      raise ValueError(f"{len(bad)} arrays hold NaN/inf (first: {bad[0]})")
+
+  def _move_aside(self, step: int, reason: str) -> None:
+    aside = self.path(step) + ".corrupt"
+    logging.error("Checkpoint %s is corrupt or incomplete (%s); moved it to %s and "
+                  "trying the previous one.", self.path(step), reason, aside)
+    if jax.process_index() == 0:
+      os.replace(self.path(step), aside)
+    self._manager.close()
+    self._manager = self._open()
+
   def _check_matches(self, step: int, abstract_state: Any) -> None:
-    """A checkpoint of another config is an error naming the first differing parameter
-    (not a corrupt file to skip): the user changed the config or the workdir."""
+    """A checkpoint of another config is an error naming the first difference (not a
+    corrupt file to skip): the user changed the config or the workdir."""
     with ocp.StandardCheckpointer() as reader:
       metadata = reader.metadata(os.path.join(self.path(step), "state"))
     tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
     saved = _shapes(tree)
     expected = _shapes(abstract_state)
-    for name in sorted(expected, key=lambda n: (not n.startswith("params/"), n)):
-      if name not in saved:
-        raise ConfigError(f"checkpoint {self.path(step)} was written by a different config: "
-                          f"it has no {name}; use another --workdir or the original config")
+    order = lambda n: (not n.startswith("params/"), n)  # noqa: E731
+    fix = "use another --workdir or the original config"
+    missing = sorted(set(expected) - set(saved), key=order)
+    extra = sorted(set(saved) - set(expected), key=order)
+    if missing or extra:
+      parts = []
+      if extra:
+        parts.append(f"it has {len(extra)} entries this config lacks (first: {extra[0]})")
+      if missing:
+        parts.append(f"it lacks {len(missing)} entries this config has (first: {missing[0]})")
+      fields = sorted({_SECTION_FIELDS.get(n.split("/")[0], "config") for n in missing + extra})
+      raise ConfigError(f"checkpoint {self.path(step)} was written by a different config: "
+                        f"{'; '.join(parts)} (see {', '.join(fields)}); {fix}")
+    for name in sorted(expected, key=order):
       if saved[name] != expected[name]:
         raise ConfigError(f"checkpoint {self.path(step)} does not match the config: {name} "
                           f"has shape {saved[name]} there but {expected[name]} in the config; "
-                          f"use another --workdir or the original config")
+                          f"{fix}")
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the pending save; raises CheckpointWriteError if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(self._saving, e) from None
+    self.check_for_errors()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for a pending save; a failure was (or is now) reported once, not re-raised."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("%s", self._write_error(self._saving, e))
+    try:
+      self._manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("closing the checkpoint manager: %s", _first_line(e))

@@ -1,13 +1,15 @@
 """The trainer's config fields, their defaults, and validation before anything runs.
 
 Experiment configs in configs/ start from `defaults()` and change what they
-need. `validate` rejects a field that doesn't exist anywhere (a typo) with a
-one-line error naming it; fields of a model, objective, evaluator, source or
-transform are checked against that component's signature.
+need. `validate` rejects a field that doesn't exist anywhere (a typo) or a value out
+of range (a 0 batch, a negative step count) with a one-line error naming it; fields
+of a model, objective, evaluator, source or transform are checked against that
+component's signature.
 """
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any
 
 import ml_collections
@@ -96,9 +98,38 @@ def _check_known(config: Any, reference: Any, prefix: str) -> None:
       _check_known(config[key], reference[key], f"{prefix}{key}.")
 
 
+def _check_number(field: str, value: Any, low: float, strict: bool, bound: str) -> None:
+  """Raises ConfigError unless `value` is a finite number above `low` (or equal to it if
+  not `strict`): a 0 batch or a negative step count would otherwise "run" silently."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ConfigError(f"config.{field}={value!r} must be a number ({bound})")
+  if not math.isfinite(value) or value < low or (strict and value == low):
+    raise ConfigError(f"config.{field}={value} must be {bound}")
+
+
+# field: (lowest value, whether it is excluded, what the error says it must be)
+_RANGES = {
+    "total_steps": (0, False, "positive (or 0 to unset it)"),
+    "total_epochs": (0, False, "positive and finite (or 0 to unset it)"),
+    "keep_checkpoints": (1, False, "at least 1"),
+    "input.batch_size": (0, True, "positive"),
+    "optim.lr": (0, True, "positive and finite"),
+    "optim.min_lr": (0, False, "zero or more"),
+    "optim.warmup_steps": (0, False, "zero or more"),
+    "optim.warmup_epochs": (0, False, "zero or more"),
+    "optim.grad_accum_steps": (1, False, "at least 1"),
+}
+_REQUIRED = ("input.batch_size", "optim.lr", "optim.grad_accum_steps")  # the others may be None
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError for the first unknown or inconsistent field."""
+  """Raises ConfigError for the first unknown, out-of-range or inconsistent field."""
   _check_known(config, defaults(), "config.")
+  for field, (low, strict, bound) in _RANGES.items():
+    section, _, leaf = field.rpartition(".")
+    value = (config[section] if section else config).get(leaf)
+    if value is not None or field in _REQUIRED:
+      _check_number(field, value, low, strict, bound)
   if (not config.total_steps) == (not config.total_epochs):  # 0 unsets one from the CLI
     raise ConfigError(f"set exactly one of config.total_steps ({config.total_steps}) and "
                       f"config.total_epochs ({config.total_epochs}); 0 unsets one, e.g. "
@@ -107,12 +138,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if int(config[field]) <= 0:
       raise ConfigError(f"config.{field}={config[field]} must be positive")
   accum = config.optim.grad_accum_steps
-  if accum < 1 or config.input.batch_size % accum:
+  if config.input.batch_size % accum:
     raise ConfigError(f"config.input.batch_size={config.input.batch_size} is not "
                       f"divisible by config.optim.grad_accum_steps={accum}")
   for name, ev in config.evals.items():
     if "name" not in ev:
       raise ConfigError(f"config.evals.{name}.name is not set (the evaluator type)")
+    if ev.get("batch_size") is not None:  # unset: config.input's
+      _check_number(f"evals.{name}.batch_size", ev["batch_size"], 0, True, "positive")
 
 
 def smoke(config: ml_collections.ConfigDict, *, steps: int = 4, batch_size: int = 16,

@@ -8,9 +8,15 @@ from typing import Any
 import jax
 from absl import logging
 
+from big_vision_like.workdir import WriteError
+
 
 class MetricWriter:
-  """Appends one JSON object per logged step; on resume, drops records after the restored step."""
+  """Appends one JSON object per logged step; on resume, drops records after the restored step.
+
+  The drop rewrites the file atomically (a temporary file renamed over it), so a
+  kill at any moment leaves either the old history or the new one, never less.
+  """
 
   def __init__(self, workdir: str, start_step: int):
     self.enabled = jax.process_index() == 0
@@ -20,9 +26,10 @@ class MetricWriter:
       return
     if os.path.exists(self.path):
       with open(self.path) as f:
-        kept = [line for line in f if line.strip() and _step_of(line) <= start_step]
-      with open(self.path, "w") as f:
-        f.writelines(kept)
+        lines = list(f)
+      kept = [line for line in lines if line.strip() and _step_of(line) <= start_step]
+      if kept != lines:
+        self._replace(kept)
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
@@ -30,12 +37,27 @@ class MetricWriter:
     except ImportError:
       logging.warning("tensorboardX is not installed; no TensorBoard events are written.")
 
+  def _replace(self, lines: list[str]) -> None:
+    tmp = self.path + ".tmp"
+    try:
+      with open(tmp, "w") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in lines)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, self.path)
+    except OSError as e:
+      raise WriteError(f"cannot write {tmp}: {e.strerror or e}; {self.path} is "
+                       f"unchanged") from None
+
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    except OSError as e:
+      raise WriteError(f"cannot write {self.path}: {e.strerror or e}") from None
     if self._tb is not None:
       for key, value in record.items():
         if key != "step" and isinstance(value, (int, float)):
@@ -44,7 +66,10 @@ class MetricWriter:
 
   def close(self) -> None:
     if self._tb is not None:
-      self._tb.close()
+      try:
+        self._tb.close()
+      except OSError as e:
+        logging.error("cannot write TensorBoard events: %s", e)
 
 
 def _step_of(line: str) -> int:

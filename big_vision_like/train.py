@@ -15,11 +15,12 @@ import signal
 import time
 from typing import Any
 
+import numpy as np
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
@@ -32,10 +33,15 @@ from big_vision_like.parallel import distributed
 from big_vision_like.parallel import mesh as mesh_lib
 from big_vision_like.parallel import sharding
 from big_vision_like.registry import ConfigError, check_kwargs
+from big_vision_like.workdir import WorkdirLock, WriteError
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss or gradients became NaN/inf; the run stops without saving them."""
+
+
+# What stops a run with a one-line message (main prints it, exit status 1).
+RUN_ERRORS = (ConfigError, NonFiniteLossError, WriteError)
 
 
 # ----------------------------------------------------------------------------
@@ -121,6 +127,7 @@ class Trainer:
       abstract = nnx.eval_shape(
           lambda: build_objective(config, config.seed, self.total_steps))
     self.graphdef, abs_params, abs_other = _split(abstract)
+    self.label_ranges = abstract.label_ranges()
     self.tx, self.lr_fn = optim.build(config.optim, abs_params, self.total_steps,
                                       steps_per_epoch)
     self.ema_decay = config.optim.ema_decay
@@ -247,11 +254,18 @@ class Trainer:
 # The loop
 # ----------------------------------------------------------------------------
 
+class _Preempted(BaseException):
+  """SIGTERM before the loop started: nothing to save. A BaseException, so that no
+  `except Exception` on the way (a checkpoint restore) mistakes it for a fault."""
+
+
 class _Terminate:
-  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+  """SIGTERM before the loop raises _Preempted (nothing to save yet); in the loop it
+  sets a flag, and the loop saves a checkpoint and exits cleanly."""
 
   def __init__(self):
     self.requested = False
+    self.in_loop = False
     self._previous = None
 
   def __enter__(self):
@@ -264,6 +278,13 @@ class _Terminate:
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+    if not self.in_loop:
+      raise _Preempted()
+
+  def start_loop(self) -> None:
+    self.in_loop = True
+    if self.requested:
+      raise _Preempted()
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -279,14 +300,124 @@ def _fmt_time(seconds: float) -> str:
 
 def _save_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    path = os.path.join(workdir, "config.json")
+    try:
+      with open(path + ".tmp", "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+      os.replace(path + ".tmp", path)
+    except OSError as e:
+      raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def check_labels(values, ranges_key: str, limits, where: str) -> None:
+  """ConfigError naming the first value of `values` outside [0, num_classes)."""
+  num_classes, allowed, field = limits
+  values = np.asarray(values)
+  bad = (values < 0) | (values >= num_classes)
+  for value in allowed:
+    bad &= values != value
+  if bad.any():
+    value = values[bad].flat[0]
+    also = f" (or {', '.join(map(str, allowed))})" if allowed else ""
+    raise ConfigError(f"{where} has {ranges_key} {value} but {field}={num_classes} allows "
+                      f"0..{num_classes - 1}{also}; fix the data or {field}")
+
+
+def _check_source_labels(trainer, config, train_source, evaluators) -> None:
+  """Labels out of range, found before training where the sources list their labels."""
+  limits = trainer.label_ranges.get("label")
+  if limits is None:
+    return
+  sources = [(train_source, f"config.input (split {config.input.split!r})")]
+  for name, (evaluator, _) in evaluators.items():
+    if config.evals[name].name == "classification" and hasattr(evaluator, "source"):
+      sources.append((evaluator.source, f"config.evals.{name}"))
+  for source, where in sources:
+    labels = getattr(source, "labels", None)
+    if isinstance(labels, np.ndarray) and labels.size:
+      check_labels(labels, "label", limits, where)
+
+
+def _check_evaluator_inputs(config, trainer, train_source, evaluators) -> None:
+  """One batch of each evaluator's data through the model's shapes, before training:
+  a test split the model can't take fails now, not after the training it would end."""
+  def train_shape():
+    first = data.train_dataset(config.input, train_source, config.seed)[0]
+    image = first.get("image") if isinstance(first, dict) else None
+    return tuple(np.shape(image)[1:]) if image is not None else None
+
+  state = trainer.eval_state(trainer.abstract_state)
+  for evaluator, _ in evaluators.values():
+    if hasattr(evaluator, "check"):
+      evaluator.check(trainer.graphdef, state, train_shape)
+
+
+def _run_facts(config, trainer, num_examples: int, step: int) -> dict:
+  """What gives a checkpoint's data position its meaning, and where the schedule was."""
+  return {"batch_size": int(config.input.batch_size), "seed": int(config.seed),
+          "num_examples": int(num_examples), "process_count": jax.process_count(),
+          "total_steps": int(trainer.total_steps), "lr": float(trainer.lr_fn(step))}
+
+
+def _resume_checker(config, trainer, num_examples: int):
+  """Refuses a resume that would make the run not what its config says."""
+  now = _run_facts(config, trainer, num_examples, 0)
+  fields = {"batch_size": "config.input.batch_size", "seed": "config.seed",
+            "num_examples": "the number of training examples",
+            "process_count": "the number of processes"}
+  why = {"batch_size": "the saved data position counts batches of the old size",
+         "seed": "the data order and random numbers would change mid-run",
+         "num_examples": "the saved data position would point at other examples "
+                         "(the training split changed)",
+         "process_count": "the data positions are saved per process"}
+
+  def check(step: int, saved: dict) -> None:
+    for key, field in fields.items():
+      if key in saved and saved[key] != now[key]:
+        raise ConfigError(f"checkpoint {step} in this workdir was written with {field} "
+                          f"{saved[key]}, this run has {now[key]}: {why[key]}; resume "
+                          f"with {saved[key]} or use another --workdir")
+    if step > trainer.total_steps:
+      raise ConfigError(f"checkpoint {step} in this workdir is past config.total_steps="
+                        f"{trainer.total_steps}; raise it or use another --workdir")
+
+  return check
+
+
+def _report_resume(config, trainer, ckpt, start: int, saved: dict) -> None:
+  logging.info("Resumed from %s at step %d of %d.", ckpt.path(start), start,
+               trainer.total_steps)
+  before = saved.get("total_steps")
+  if before is not None and before != trainer.total_steps:
+    logging.warning(
+        "config.total_steps is %d, the checkpoint's run had %d: from step %d on, the "
+        "lr schedule is that of a %d-step run (lr %.2e there -> %.2e now).",
+        trainer.total_steps, before, start, trainer.total_steps, saved.get("lr", float("nan")),
+        float(trainer.lr_fn(start)))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
+  with _Terminate() as term:
+    try:
+      return _train_and_evaluate(config, workdir, term)
+    except _Preempted:
+      logging.warning("SIGTERM before training started: nothing to save; run the same "
+                      "command to resume.")
+      return {}
+
+
+def _train_and_evaluate(config, workdir: str, term: _Terminate) -> dict[str, float]:
   configuration.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
+  try:
+    return _run(config, workdir, term)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run(config, workdir: str, term: _Terminate) -> dict[str, float]:
   mesh = mesh_lib.make_mesh(mesh_lib.config_axes(config))
   logging.info("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape),
                jax.device_count(), jax.devices()[0].platform, jax.process_count())
@@ -300,27 +431,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     steps_per_epoch = max(1, len(train_source) // config.input.batch_size)
     trainer = Trainer(config, mesh, steps_per_epoch)
     evaluators = build_evaluators(config, mesh)
+    _check_source_labels(trainer, config, train_source, evaluators)
+    _check_evaluator_inputs(config, trainer, train_source, evaluators)
     iterator = data.train_iterator(config.input, train_source, config.seed)
     ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=config.keep_checkpoints,
                                        asynchronous=config.async_checkpoints)
-    restored = ckpt.restore(trainer.abstract_state, iterator)
-    if restored is None:
-      state, start = trainer.init_state(), 0
-      logging.info("Starting from scratch: %d steps (%.1f epochs of %d examples).",
-                   trainer.total_steps, trainer.total_steps / steps_per_epoch,
-                   len(train_source))
-    else:
-      state, start = restored
-      logging.info("Resumed from %s at step %d of %d.", ckpt.path(start), start,
-                   trainer.total_steps)
-    _save_config(config, workdir)
-    writer = MetricWriter(workdir, start)
+    writer = None
     try:
+      restored = ckpt.restore(trainer.abstract_state, iterator,
+                              _resume_checker(config, trainer, len(train_source)))
+      if restored is None:
+        state, start = trainer.init_state(), 0
+        logging.info("Starting from scratch: %d steps (%.1f epochs of %d examples).",
+                     trainer.total_steps, trainer.total_steps / steps_per_epoch,
+                     len(train_source))
+      else:
+        state, start, saved = restored
+        _report_resume(config, trainer, ckpt, start, saved)
+      _save_config(config, workdir)
+      writer = MetricWriter(workdir, start)
+      facts = lambda step: _run_facts(config, trainer, len(train_source), step)  # noqa: E731
       return _loop(config, trainer, state, start, iterator, evaluators, ckpt,
-                   writer, mesh)
+                   writer, mesh, term, facts, restored_from=start if restored else None)
     finally:
-      writer.close()
+      if writer is not None:
+        writer.close()
       ckpt.close()
       if hasattr(iterator, "close"):
         iterator.close()
@@ -337,23 +473,37 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, step: int | No
   if not steps:
     raise ConfigError(f"no checkpoint in {directory}")
   step = steps[-1] if step is None else step
+  if step not in steps:
+    raise ConfigError(f"no checkpoint {step} in {directory}; it has "
+                      f"{', '.join(map(str, steps))}")
   with jax.set_mesh(mesh):
     trainer = Trainer(config, mesh, steps_per_epoch=1)  # shapes don't depend on it
-    with ocp.StandardCheckpointer() as reader:
-      state = reader.restore(os.path.join(directory, str(step), "state"),
-                             trainer.abstract_state)
+    reader = checkpoint_lib.Checkpointer(directory, asynchronous=False, read_only=True)
+    try:
+      state = reader.read(step, trainer.abstract_state)
+    finally:
+      reader.close()
     return nnx.merge(trainer.graphdef, *trainer.eval_state(state)), step
 
 
-def _check_finite(state, ckpt) -> None:
+def _check_finite(state, ckpt, restored_from: int | None) -> None:
   bad = int(state["nonfinite_step"])
-  if bad >= 0:
-    good = ckpt.latest_step()
-    where = ckpt.path(good) + f" (step {good})" if good is not None else "none"
+  if bad < 0:
+    return
+  if bad == restored_from:
+    # Not "good": it produced the NaN on its very first step, though it reads back
+    # exactly as written (fingerprint) and holds finite values.
     raise NonFiniteLossError(
-        f"loss or gradients became NaN/inf at step {bad}; parameters from before "
-        f"that step were kept; last good checkpoint: {where}. Lower config.optim.lr "
-        f"or check the input data.")
+        f"loss or gradients became NaN/inf at step {bad}, the first step after "
+        f"restoring {ckpt.path(bad)}; that checkpoint reads back exactly as it was "
+        f"written and its values are finite, so suspect the input data or the config "
+        f"changes of this run; parameters from before that step were kept.")
+  good = ckpt.latest_step()
+  where = ckpt.path(good) + f" (step {good})" if good is not None else "none"
+  raise NonFiniteLossError(
+      f"loss or gradients became NaN/inf at step {bad}; parameters from before "
+      f"that step were kept; last good checkpoint: {where}. Lower config.optim.lr "
+      f"or check the input data.")
 
 
 def _stop_requested(term: _Terminate, step: int, every: int) -> bool:
@@ -364,56 +514,66 @@ def _stop_requested(term: _Terminate, step: int, every: int) -> bool:
   return step % every == 0 and distributed.any_process(term.requested)
 
 
-def _loop(config, trainer, state, start, iterator, evaluators, ckpt, writer, mesh):
+def _check_batch(batch, trainer, step: int) -> None:
+  for key, limits in trainer.label_ranges.items():
+    if key in batch:
+      check_labels(batch[key], key, limits, f"the training batch of step {step}")
+
+
+def _loop(config, trainer, state, start, iterator, evaluators, ckpt, writer, mesh,
+          term, facts, restored_from):
   total = trainer.total_steps
   batch_size = config.input.batch_size
   final: dict[str, float] = {}
   mark_time, mark_step, excluded = time.perf_counter(), start, 0.0
   first_step_time = None
-  with _Terminate() as term:
-    for step in range(start + 1, total + 1):
-      batch = sharding.put_batch(next(iterator), mesh, trainer.rules)
-      state, metrics = trainer.train_step(state, batch)
-      if first_step_time is None:  # exclude compilation from throughput
-        jax.block_until_ready(metrics)
-        first_step_time = time.perf_counter()
-        mark_time, mark_step = first_step_time, step
+  term.start_loop()
+  for step in range(start + 1, total + 1):
+    batch = next(iterator)
+    _check_batch(batch, trainer, step)
+    state, metrics = trainer.train_step(state, sharding.put_batch(batch, mesh, trainer.rules))
+    if first_step_time is None:  # exclude compilation from throughput
+      jax.block_until_ready(metrics)
+      first_step_time = time.perf_counter()
+      mark_time, mark_step = first_step_time, step
 
-      last = step == total
-      stop = _stop_requested(term, step, config.log_every_steps)
-      if step % config.log_every_steps == 0 or last or stop:
-        metrics = jax.device_get(metrics)
-        _check_finite(state, ckpt)
-        now = time.perf_counter()
-        elapsed = max(now - mark_time - excluded, 1e-9)
-        steps_done = max(step - mark_step, 1)
-        sec_per_step = elapsed / steps_done
-        record = {k: float(v) for k, v in metrics.items()}
-        record["images_per_sec"] = steps_done * batch_size / elapsed
-        record["steps_per_sec"] = steps_done / elapsed
-        record["epoch"] = step / trainer.steps_per_epoch
-        writer.write(step, record)
-        logging.info("step %d/%d | loss %.4f | lr %.2e | %.1f img/s | ETA %s",
-                     step, total, record["train/loss"], record["lr"],
-                     record["images_per_sec"], _fmt_time((total - step) * sec_per_step))
-        mark_time, mark_step, excluded = now, step, 0.0
+    last = step == total
+    stop = _stop_requested(term, step, config.log_every_steps)
+    if step % config.log_every_steps == 0 or last or stop:
+      metrics = jax.device_get(metrics)
+      _check_finite(state, ckpt, restored_from)
+      ckpt.check_for_errors()
+      now = time.perf_counter()
+      elapsed = max(now - mark_time - excluded, 1e-9)
+      steps_done = max(step - mark_step, 1)
+      sec_per_step = elapsed / steps_done
+      record = {k: float(v) for k, v in metrics.items()}
+      record["images_per_sec"] = steps_done * batch_size / elapsed
+      record["steps_per_sec"] = steps_done / elapsed
+      record["epoch"] = step / trainer.steps_per_epoch
+      writer.write(step, record)
+      logging.info("step %d/%d | loss %.4f | lr %.2e | %.1f img/s | ETA %s",
+                   step, total, record["train/loss"], record["lr"],
+                   record["images_per_sec"], _fmt_time((total - step) * sec_per_step))
+      mark_time, mark_step, excluded = now, step, 0.0
 
-      pause = time.perf_counter()
-      due = [name for name, (_, every) in evaluators.items() if step % every == 0 or last]
-      if due:
-        results = _evaluate(due, evaluators, trainer, state, writer, step, total)
-        if last:
-          final = results
-
-      if step % config.checkpoint_every_steps == 0 or last or stop:
-        _check_finite(state, ckpt)
-        ckpt.save(step, state, iterator)
-      excluded += time.perf_counter() - pause
-      if stop:
-        ckpt.wait()
-        logging.warning("SIGTERM: saved %s at step %d; run the same command to resume.",
-                        ckpt.path(step), step)
-        return final
+    pause = time.perf_counter()
+    # Save before evaluating: an evaluator that crashes never loses this step.
+    if step % config.checkpoint_every_steps == 0 or last or stop:
+      _check_finite(state, ckpt, restored_from)
+      ckpt.save(step, state, iterator, facts(step))
+    due = [name for name, (_, every) in evaluators.items() if step % every == 0 or last]
+    if due:
+      results = _evaluate(due, evaluators, trainer, state, writer, step, total)
+      if last:
+        final = results
+    excluded += time.perf_counter() - pause
+    if stop:
+      ckpt.wait()
+      logging.warning("SIGTERM: saved %s at step %d; run the same command to resume.",
+                      ckpt.path(step), step)
+      return final
+  ckpt.wait()
   if start >= total:  # running a finished run again re-evaluates its final state
     logging.info("Already trained to step %d; evaluating the final state.", total)
     final = _evaluate(list(evaluators), evaluators, trainer, state, writer, total, total)

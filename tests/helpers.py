@@ -62,6 +62,12 @@ def train_losses(workdir):
 def restore_params(workdir, step=None):
   """Reads a checkpoint's parameters back onto this process's first device, without
   the trainer (whatever devices wrote it)."""
+  step, state = restore_state(workdir, step)
+  return step, state["params"]
+
+
+def restore_state(workdir, step=None):
+  """The whole train state of a checkpoint, as restore_params reads it."""
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.join(workdir, "checkpoints")
@@ -74,4 +80,4 @@ def restore_params(workdir, step=None):
     tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)
     state = ckptr.restore(path, target)
-  return step, state["params"]
+  return step, state

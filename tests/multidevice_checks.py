@@ -189,7 +189,7 @@ def restore_anywhere():
       with jax.set_mesh(mesh):
         trainer = train.Trainer(config, mesh, steps_per_epoch=10)
         reader = checkpoint_lib.Checkpointer(workdir, asynchronous=False)
-        restored, step = reader.restore(trainer.abstract_state,
+        restored, step, _ = reader.restore(trainer.abstract_state,
                                         data.train_iterator(config.input, source, config.seed))
         reader.close()
         diffs = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),

@@ -29,9 +29,13 @@ class CpuAllocatorTest(parameterized.TestCase):
   def test_hint_only_for_cpu_on_glibc(self):
     with mock.patch.object(cpu_allocator, "active", return_value="system"), \
         mock.patch.object(sys, "platform", "linux"):
-      line = cpu_allocator.hint("cpu")
-      self.assertIn("LD_PRELOAD=", line)
-      self.assertIn("README", line)
+      # Whether this machine has tcmalloc installed must not matter.
+      with mock.patch.object(cpu_allocator, "installed", return_value="/lib/libtcmalloc.so.4"):
+        line = cpu_allocator.hint("cpu")
+        self.assertIn("LD_PRELOAD=/lib/libtcmalloc.so.4", line)
+        self.assertIn("README", line)
+      with mock.patch.object(cpu_allocator, "installed", return_value=None):
+        self.assertIn("apt install libtcmalloc-minimal4", cpu_allocator.hint("cpu"))
       self.assertIsNone(cpu_allocator.hint("gpu"))
     with mock.patch.object(cpu_allocator, "active", return_value="tcmalloc"):
       self.assertIsNone(cpu_allocator.hint("cpu"))

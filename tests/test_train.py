@@ -77,7 +77,8 @@ class TrainInProcessTest(absltest.TestCase):
                               **{"input.transforms": [{"name": "normalize", "mean": [0.0],
                                                        "std": [0.0]}]})
     with self.assertRaisesRegex(train.NonFiniteLossError,
-                                r"NaN/inf at step 4; .*last good checkpoint: .*checkpoints/4 \(step 4\)"):
+                                r"NaN/inf at step 4, the first step after restoring "
+                                r".*checkpoints/4; .* suspect the input data"):
       train.train_and_evaluate(bad, workdir)
     self.assertEqual(sorted(os.listdir(os.path.join(workdir, "checkpoints"))), ["2", "4"])
 
@@ -90,7 +91,7 @@ class TrainInProcessTest(absltest.TestCase):
     mesh = mesh_lib.make_mesh()
     with jax.set_mesh(mesh):
       trainer = train.Trainer(config, mesh, steps_per_epoch=10)
-      restored, step = train.checkpoint_lib.Checkpointer(
+      restored, step, _ = train.checkpoint_lib.Checkpointer(
           os.path.join(workdir, "checkpoints")).restore(
               trainer.abstract_state, train.data.train_iterator(
                   config.input, train.data.build_source(config.input, "c"), 0))

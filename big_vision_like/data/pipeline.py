@@ -3,23 +3,29 @@
 Training: source -> shuffle (by seed, reshuffled each epoch) -> repeat ->
 transforms -> this process's rows of each global batch -> batch. Batching happens on the MapDataset, so
 batch i is the same whatever the number of worker processes, and the
-iterator's state (saved in checkpoints) is just a position.
+iterator's state (saved in checkpoints) is just a position. With
+`decode(on_error='skip')`, an example whose image cannot be decoded is
+replaced by the next one in that order that decodes (training), or by padding
+(evaluation), and each skipped file is logged once with a running count.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from typing import Any, Iterator
 
 import grain
 import jax
-from absl import flags
+from absl import flags, logging
 import numpy as np
 
 from big_vision_like.data.sources import SOURCES
 from big_vision_like.data.tokenizers import build_tokenizer
-from big_vision_like.data.transforms import Preprocess
+from big_vision_like.data.transforms import Preprocess, SkippedImage
 from big_vision_like.registry import ConfigError, check_kwargs
+
+_SKIP_LOCK = threading.Lock()  # grain's reader threads share a pipeline's skip log
 
 # Fields of config.input (and of an evaluator's data config) that the pipeline
 # itself uses; every other field is an argument of the chosen source.
@@ -93,6 +99,55 @@ class _ProcessRows:
     return self.ds[batch * self.global_batch + self.process_index * self.local_batch + row]
 
 
+@dataclasses.dataclass
+class _SkipUndecodable:
+  """`ds` with each example that `decode` skipped replaced by the next one of `ds`
+  that decodes, or in evaluation by padding (the same example with `_mask` 0).
+
+  The stand-in depends on the index alone, so batch i is the same with any
+  number of workers and after a resume; a skipped example's stand-in appears
+  twice in that epoch, augmented alike.
+  """
+  ds: Any
+  tries: int
+  as_padding: bool = False
+  skipped: set = dataclasses.field(default_factory=set)  # messages, in this process
+
+  def __len__(self):
+    return len(self.ds)
+
+  def __getitem__(self, i):
+    for j in range(self.tries):
+      try:
+        element = self.ds[(i + j) % len(self.ds)]
+      except SkippedImage as e:
+        self._log(str(e))
+        continue
+      if j and self.as_padding:
+        element = {**element, "_mask": np.float32(0)}
+      return element
+    raise ConfigError(f"the {self.tries} examples tried in a row from example {i} all "
+                      "have undecodable images; is the data_dir right?")
+
+  def _log(self, message: str):
+    with _SKIP_LOCK:
+      if message in self.skipped:
+        return
+      self.skipped.add(message)
+      count = len(self.skipped)
+    logging.warning("skipped an example (decode on_error='skip'): %s; %d undecodable "
+                    "file(s) skipped so far", message, count)
+
+
+def _preprocessed(ds, data: Any, source, field: str, tries: int, as_padding: bool = False):
+  """`ds` through the transforms, with skipped examples substituted if decode skips."""
+  transforms = preprocess(data, source, field)
+  ds = ds.random_map(transforms)
+  if transforms.skips_undecodable:
+    ds = grain.MapDataset.source(_SkipUndecodable(ds, tries, as_padding))
+  return ds
+
+
 def train_dataset(data: Any, source, seed: int, field: str = "config.input"):
   """An infinite MapDataset of this process's training batches."""
   batch = local_batch_size(data.batch_size, field)
@@ -100,7 +155,7 @@ def train_dataset(data: Any, source, seed: int, field: str = "config.input"):
     raise ConfigError(f"{field}.batch_size={data.batch_size} is larger than the "
                       f"{len(source)} training examples")
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-  ds = ds.random_map(preprocess(data, source, field))
+  ds = _preprocessed(ds, data, source, field, tries=len(source))
   if jax.process_count() > 1:
     ds = grain.MapDataset.source(
         _ProcessRows(ds, data.batch_size, batch, jax.process_index()))
@@ -146,6 +201,6 @@ def eval_batches(data: Any, source, field: str) -> Iterator[dict]:
   per_process = -(-len(source) // jax.process_count())
   padded = -(-per_process // batch) * batch
   ds = grain.MapDataset.source(_Padded(shard, padded)).seed(0)
-  ds = ds.random_map(preprocess(data, source, field))
+  ds = _preprocessed(ds, data, source, field, tries=padded, as_padding=True)
   ds = ds.batch(batch, drop_remainder=True)
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2)))

@@ -3,6 +3,8 @@
 'image' is a uint8 [H, W, C] array or encoded bytes (decoded by the 'decode'
 transform); 'label' an int. Image-text sources give 'text' (a list of
 captions) instead of 'label'. Sources with named labels have `classes`.
+Sources that read files add PATH_KEY ('_path'), the file's location, so that
+errors name the file; preprocessing drops it before batching.
 Sources are picklable so grain worker processes can use them. Each one reads
 a public layout as it is distributed.
 """
@@ -14,6 +16,7 @@ import json
 import os
 import struct
 import tarfile
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -21,6 +24,7 @@ from PIL import Image
 from big_vision_like.registry import ConfigError, Registry
 
 SOURCES = Registry("data source", "config.input.source")
+PATH_KEY = "_path"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
@@ -112,6 +116,13 @@ class IdxSource:
     return {"image": self.images[i], "label": self.labels[i]}
 
 
+def pil_reason(error: Exception) -> str:
+  """PIL's complaint on one line, without the BytesIO repr it names the file by."""
+  if isinstance(error, Image.UnidentifiedImageError):
+    return "not an image in any format PIL reads"
+  return " ".join(str(error).split()) or type(error).__name__
+
+
 class FileTree:
   """Files of a directory, a .tar or a compressed tar, by relative '/' path.
 
@@ -121,7 +132,10 @@ class FileTree:
   larger sets).
   """
 
-  def __init__(self, path: str, keep=lambda name: True):
+  def __init__(self, path: str, keep=lambda name: True, seen=None):
+    """`seen(name)`, when given, is called for every file, kept or not (listing
+    the rest costs nothing: the walk or tar scan visits them anyway)."""
+    seen = seen or (lambda name: None)
     self.path = path
     self._file = None
     self._blobs: dict[str, bytes] = {}
@@ -131,6 +145,8 @@ class FileTree:
       self.names = sorted(
           os.path.relpath(os.path.join(d, f), path).replace(os.sep, "/")
           for d, _, files in os.walk(path) for f in files)
+      for name in self.names:
+        seen(name)
       self.names = [n for n in self.names if keep(n)]
       return
     try:
@@ -140,6 +156,8 @@ class FileTree:
       self.kind = "tar_mem" if compressed else "tar"
       with tarfile.open(path) as tar:
         for member in tar:
+          if member.isfile():
+            seen(member.name)
           if member.isfile() and keep(member.name):
             if compressed:
               self._blobs[member.name] = tar.extractfile(member).read()
@@ -148,6 +166,12 @@ class FileTree:
     except (tarfile.TarError, OSError, EOFError) as e:
       raise ConfigError(f"cannot read tar archive {path}: {e}") from e
     self.names = sorted(self._blobs or self._offsets)
+
+  def location(self, name: str) -> str:
+    """Where `name` is, for messages: a path, or `archive.tar:member`."""
+    if self.kind == "dir":
+      return os.path.join(self.path, name)
+    return f"{self.path}:{name}"
 
   def read(self, name: str) -> bytes:
     if self.kind == "dir":
@@ -171,30 +195,57 @@ class FileTree:
 class ImageFolderSource:
   """`<root>/<split>/<class>/<image>` as a directory, a .tar, or a .tar.gz.
 
-  Classes are the sorted sub-directory names; `<root>` may sit at any depth
-  inside a tar (e.g. `cifar10/train/cat/0001.jpg`).
+  Class indices are the same for every split: `classes` in that order when
+  given, else the sorted class folders of the split named 'train' (of this
+  split when data_dir has no 'train'), so a class missing from the test split
+  shifts no label. A class folder that they lack is an error. `<root>` may sit
+  at any depth inside a tar (e.g. `cifar10/train/cat/0001.jpg`).
   """
 
-  def __init__(self, split: str, data_dir: str):
-    def in_split(name: str) -> bool:
+  def __init__(self, split: str, data_dir: str, classes: Sequence[str] = ()):
+    train_classes = set()
+
+    def in_split(name: str, split: str = split) -> bool:
       parts = name.split("/")
       return (len(parts) >= 3 and parts[-3] == split
               and parts[-1].lower().endswith(IMAGE_EXTENSIONS))
 
-    self.files = FileTree(data_dir, keep=in_split)
+    def seen(name: str):
+      if in_split(name, "train"):
+        train_classes.add(name.split("/")[-2])
+
+    self.files = FileTree(data_dir, keep=in_split, seen=seen)
     if not self.files.names:
       raise ConfigError(f"no images under '<root>/{split}/<class>/' in {data_dir}")
     self.names = sorted(self.files.names, key=lambda n: (n.split("/")[-2], n))
-    self.classes = sorted({n.split("/")[-2] for n in self.names})
+    folders = sorted({n.split("/")[-2] for n in self.names})
+    self.classes = self._classes(classes, train_classes or folders, folders, split)
     self.num_classes = len(self.classes)
     index = {c: i for i, c in enumerate(self.classes)}
     self.labels = np.array([index[n.split("/")[-2]] for n in self.names], np.int32)
+
+  @staticmethod
+  def _classes(given: Sequence[str], train: set | list, folders: list, split: str) -> list:
+    """The class list, checked against this split's class folders."""
+    names = [str(c) for c in given] if given else sorted(train)
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    if repeated:
+      raise ConfigError(f"classes lists {repeated[0]!r} twice")
+    known = set(names)
+    unknown = [f for f in folders if f not in known]
+    if unknown:
+      where = ("classes=[...] does not list it" if given else
+               "the 'train' split has no such folder; set classes=[...] to list every class")
+      raise ConfigError(f"split {split!r} has class folder {unknown[0]!r}, but {where}")
+    return names
 
   def __len__(self):
     return len(self.labels)
 
   def __getitem__(self, i):
-    return {"image": self.files.read(self.names[i]), "label": self.labels[i]}
+    name = self.names[i]
+    return {"image": self.files.read(name), "label": self.labels[i],
+            PATH_KEY: self.files.location(name)}
 
 
 @SOURCES.register("oxford_pets")
@@ -236,11 +287,15 @@ class OxfordPetsSource:
 
   def __getitem__(self, i):
     image, trimap, label = self.items[i]
-    mask = np.asarray(Image.open(io.BytesIO(self.files.read(trimap))))
+    try:
+      mask = np.asarray(Image.open(io.BytesIO(self.files.read(trimap))))
+    except Exception as e:  # PIL raises several types for a bad file
+      raise ConfigError(f"cannot decode trimap {self.files.location(trimap)}: "
+                        f"{pil_reason(e)}") from None
     if mask.ndim == 3:
       mask = mask[..., 0]
     return {"image": self.files.read(image), "mask": self._lut[mask],
-            "label": np.int32(label)}
+            "label": np.int32(label), PATH_KEY: self.files.location(image)}
 
 
 @SOURCES.register("coco_captions")
@@ -302,7 +357,7 @@ class CocoCaptionsSource:
   def __getitem__(self, i):
     path, texts, image_id = self.items[i]
     return {"image": self.files.read(path), "text": list(texts),
-            "image_id": np.int32(image_id)}
+            "image_id": np.int32(image_id), PATH_KEY: self.files.location(path)}
 
 
 @SOURCES.register("array_record")
@@ -318,6 +373,7 @@ class ArrayRecordSource:
     info = json.load(open(info_path)) if os.path.exists(info_path) else {}
     self.num_classes = info.get("num_classes", 0)
     self.classes = info.get("classes")
+    self.path = path
     self._records = grain.sources.ArrayRecordDataSource([path])
 
   def __len__(self):
@@ -325,7 +381,7 @@ class ArrayRecordSource:
 
   def __getitem__(self, i):
     from big_vision_like.data.convert import decode_record  # pylint: disable=g-import-not-at-top
-    return decode_record(self._records[i])
+    return {**decode_record(self._records[i]), PATH_KEY: f"{self.path} record {i}"}
 
 
 @SOURCES.register("tfds")

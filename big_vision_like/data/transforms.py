@@ -9,6 +9,10 @@ which makes the pipeline deterministic and resumable.
 A transform parameter named like a CONTEXT_KEYS entry ('tokenizer',
 'classes') is filled in by the pipeline from the data config and the source,
 never from the transform's spec.
+
+An example a transform cannot use (an undecodable image, one smaller than the
+crop) raises BadExample, a one-line ConfigError naming the example's file
+(the source's '_path'), which preprocessing drops before batching.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from big_vision_like.data.prompts import DEFAULT_TEMPLATES, class_prompt
+from big_vision_like.data.sources import PATH_KEY, pil_reason
 from big_vision_like.registry import ConfigError, Registry, check_kwargs
 
 TRANSFORMS = Registry("transform", "transforms[].name")
@@ -29,6 +34,25 @@ GEOMETRIC_KEYS = ("image", "mask")
 # Transform parameters the pipeline fills in, and where their values come from.
 CONTEXT_KEYS = {"tokenizer": "the data config's 'tokenizer' field",
                 "classes": "the data source's class names"}
+ON_ERROR = ("raise", "skip")  # decode's choices for an undecodable image
+
+
+class BadExample(ConfigError):
+  """One example's data is unusable (not the config); the message names its file."""
+
+
+class UndecodableImage(BadExample):
+  """`decode` cannot read the image."""
+
+
+class SkippedImage(UndecodableImage):
+  """`decode(on_error='skip')` cannot read the image: the pipeline substitutes another."""
+
+
+def _which(element: dict) -> str:
+  """The example's file for messages, or its label where the source reads no files."""
+  path = element.get(PATH_KEY)
+  return str(path) if path else f"of label {element.get('label')}"
 
 
 def _geometric(element: dict, fn: Callable[[np.ndarray, bool], np.ndarray]) -> dict:
@@ -56,16 +80,22 @@ def _hw(size) -> tuple[int, int]:
 
 
 @TRANSFORMS.register("decode")
-def decode(element, rng, channels: int = 3):
-  """Encoded bytes (or an array) -> uint8 [H, W, channels]."""
+def decode(element, rng, channels: int = 3, on_error: str = "raise"):
+  """Encoded bytes (or an array) -> uint8 [H, W, channels].
+
+  An undecodable image (corrupt, truncated, empty, not an image) raises an
+  error naming its file; on_error='skip' lets the pipeline replace the
+  example by the next readable one and count it (for large web datasets).
+  """
   del rng
   image = element["image"]
   if isinstance(image, (bytes, np.bytes_)):
     try:
       pil = Image.open(io.BytesIO(image))
       pil = pil.convert("L" if channels == 1 else "RGB")
-    except Exception as e:
-      raise ValueError(f"cannot decode image of label {element.get('label')}: {e}") from e
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, zlib.error)
+      error = SkippedImage if on_error == "skip" else UndecodableImage
+      raise error(f"cannot decode image {_which(element)}: {pil_reason(e)}") from None
     image = np.asarray(pil)
   image = np.asarray(image)
   if image.ndim == 2:
@@ -76,9 +106,9 @@ def decode(element, rng, channels: int = 3):
     image = np.asarray(Image.fromarray(image).convert("L"))[..., None]
   mask = element.get("mask")
   if mask is not None and np.shape(mask)[:2] != image.shape[:2]:
-    raise ValueError(f"segmentation mask is {np.shape(mask)[0]}x{np.shape(mask)[1]} but its "
-                     f"image is {image.shape[0]}x{image.shape[1]} (label "
-                     f"{element.get('label')}); masks must match their images")
+    raise BadExample(f"segmentation mask is {np.shape(mask)[0]}x{np.shape(mask)[1]} but its "
+                     f"image is {image.shape[0]}x{image.shape[1]} (image {_which(element)}); "
+                     "masks must match their images")
   return {**element, "image": image}
 
 
@@ -105,7 +135,8 @@ def center_crop(element, rng, size):
   ch, cw = _hw(size)
   h, w = element["image"].shape[:2]
   if h < ch or w < cw:
-    raise ValueError(f"center_crop size {ch}x{cw} is larger than the image {h}x{w}")
+    raise BadExample(f"center_crop size {ch}x{cw} is larger than image {_which(element)} "
+                     f"({h}x{w}); resize it first (e.g. resize_small)")
   top, left = (h - ch) // 2, (w - cw) // 2
   return _geometric(element, lambda a, m: a[top:top + ch, left:left + cw])
 
@@ -124,7 +155,10 @@ def random_crop(element, rng, size, padding: int = 0, pad_mode: str = "reflect")
   element = _geometric(element, pad)
   h, w = element["image"].shape[:2]
   if h < ch or w < cw:
-    raise ValueError(f"random_crop size {ch}x{cw} is larger than the image {h}x{w}")
+    padded = f", {h}x{w} with padding {padding}" if padding else ""
+    raise BadExample(f"random_crop size {ch}x{cw} is larger than image {_which(element)} "
+                     f"({h - 2 * padding}x{w - 2 * padding}{padded}); resize it first "
+                     "(e.g. resize_small)")
   top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
   return _geometric(element, lambda a, m: a[top:top + ch, left:left + cw])
 
@@ -361,11 +395,14 @@ class Preprocess(grain.transforms.RandomMap):
   `context` ({'tokenizer': Tokenizer, 'classes': names}) feeds transforms that
   take a parameter of that name; when it is given, a transform whose context
   value is missing is rejected here rather than on the first element.
+  `skips_undecodable`: a 'decode' step has on_error='skip' (the pipeline then
+  substitutes examples it skips).
   """
 
   def __init__(self, specs: Sequence[Any], field: str, context: dict | None = None):
     data_field = field.rsplit(".", 1)[0]
     self.steps = []
+    self.skips_undecodable = False
     for i, spec in enumerate(specs or ()):
       spec = dict(spec)
       name = spec.pop("name", None)
@@ -382,6 +419,12 @@ class Preprocess(grain.transforms.RandomMap):
       fn = TRANSFORMS.get(name)
       check_kwargs(fn, spec, f"{field}[{i}]", what=f"transform {name!r}",
                    skip=("element", "rng", *CONTEXT_KEYS))
+      if name == "decode":
+        on_error = spec.get("on_error", "raise")
+        if on_error not in ON_ERROR:
+          raise ConfigError(f"{field}[{i}].on_error={on_error!r} is not one of "
+                            f"{', '.join(ON_ERROR)}")
+        self.skips_undecodable |= on_error == "skip"
       for key in _context_params(fn):
         if context is not None and not _has_value(context.get(key)):
           raise ConfigError(f"{field}[{i}]: transform {name!r} needs "
@@ -391,8 +434,14 @@ class Preprocess(grain.transforms.RandomMap):
 
   def random_map(self, element, rng: np.random.Generator):
     for name, kwargs in self.steps:
-      element = TRANSFORMS.get(name)(element, rng, **kwargs)
-    element = {k: v for k, v in element.items() if not _is_text(v)}
+      try:
+        element = TRANSFORMS.get(name)(element, rng, **kwargs)
+      except ConfigError:  # names the example itself where it is about one
+        raise
+      except Exception as e:  # an unexpected failure: say where, keep the traceback
+        e.add_note(f"in transform {name!r}, example {_which(element)}")
+        raise
+    element = {k: v for k, v in element.items() if k != PATH_KEY and not _is_text(v)}
     if "label" in element:
       element["label"] = np.int32(element["label"])
     return element

@@ -10,11 +10,16 @@ import optax
 from flax import nnx
 
 from big_vision_like import data
+from big_vision_like.evaluators import common
 from big_vision_like.parallel import sharding
 
 
 class Classification:
-  """Runs `objective.classify` over a whole split; padding examples are masked out."""
+  """Runs `objective.classify` over a whole split; padding examples are masked out.
+
+  Top-k counts a hit where the label is among the k classes top_k would pick
+  (ties go to the lower index, as argmax; a NaN label logit is always a miss).
+  """
 
   def __init__(self, data_config, *, mesh, field: str, topk: Sequence[int] = (1, 5)):
     self.data_config, self.mesh, self.field = data_config, mesh, field
@@ -30,13 +35,19 @@ class Classification:
       logits = objective.classify(batch["image"])
       labels, mask = batch["label"], batch["_mask"]
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-      ranks = (logits > jnp.take_along_axis(logits, labels[:, None], -1)).sum(-1)
+      ranks = common.label_ranks(logits, labels)
       out = {"loss": (loss * mask).sum(), "count": mask.sum()}
       for k in topk:
         out[f"top{k}"] = ((ranks < k) * mask).sum()
       return out
 
     return jax.jit(sums)
+
+  def check(self, graphdef, state, train_image_shape=None) -> None:
+    """Fails now if the model can't take this evaluator's images (see common.check_inputs)."""
+    common.check_inputs(self.field, self.data_config, self.source, graphdef, state,
+                        lambda objective, images: objective.classify(images),
+                        train_image_shape)
 
   def run(self, graphdef, state) -> dict[str, float]:
     if self._sums is None:

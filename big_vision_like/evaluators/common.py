@@ -126,19 +126,61 @@ def map_blocks(fn: Callable, queries: np.ndarray, rows: int) -> np.ndarray:
   return np.concatenate([np.asarray(o) for o in outs])[:n]
 
 
-def topk_metrics(predicted: np.ndarray, labels: np.ndarray, ks: Sequence[int],
-                 num_classes: int) -> dict[str, float]:
-  """accuracy / topK_accuracy from [N, >=max(ks)] class indices ranked best first.
+# A rank no k reaches: where the label's own score is NaN.
+NEVER = np.iinfo(np.int32).max
+
+
+def label_ranks(scores, labels) -> jax.Array:
+  """Each label's 0-based place among the classes in the order argmax / top_k pick them.
+
+  That order is by decreasing score, ties to the lower index, NaN ahead of every
+  number; a NaN label score, or a label outside the scored classes, is never a
+  hit (rank NEVER). A strict `>` count would rank a tie or a NaN first, so an
+  all-zero or NaN head would score 100%.
+  """
+  scores, labels = jnp.asarray(scores), jnp.asarray(labels).astype(jnp.int32)
+  num = scores.shape[-1]
+  known = (labels >= 0) & (labels < num)
+  own = jnp.take_along_axis(scores, jnp.clip(labels, 0, num - 1)[:, None], -1)
+  ahead = ((scores > own) | ((scores == own) & (jnp.arange(num) < labels[:, None]))
+           | jnp.isnan(scores))
+  rank = ahead.sum(-1, dtype=jnp.int32)
+  return jnp.where(known & ~jnp.isnan(own[:, 0]), rank, NEVER)
+
+
+def topk_metrics(ranks: np.ndarray, ks: Sequence[int], num_classes: int) -> dict[str, float]:
+  """accuracy / topK_accuracy from each example's `label_ranks`.
 
   K larger than the number of classes is skipped (it would always be 1).
   """
-  out = {}
-  for k in ks:
-    if k > num_classes:
-      continue
-    hit = (predicted[:, :k] == labels[:, None]).any(1)
-    out["accuracy" if k == 1 else f"top{k}_accuracy"] = float(hit.mean())
-  return out
+  ranks = np.asarray(ranks)
+  return {"accuracy" if k == 1 else f"top{k}_accuracy": float((ranks < k).mean())
+          for k in ks if k <= num_classes}
+
+
+def _hwc(shape) -> str:
+  return "x".join(str(d) for d in shape)
+
+
+def check_inputs(field: str, data_config, source, graphdef, state, apply: Callable,
+                 train_image_shape: Callable[[], tuple | None] | None = None) -> None:
+  """One batch of an evaluator's data, traced through `apply(objective, images)`
+  (shapes only, no compute), so that images the model can't take fail at start,
+  not after training. `train_image_shape()`, for the message, is called on failure."""
+  batch = next(data.eval_batches(data_config, source, field), None)
+  if batch is None:
+    raise ConfigError(f"{field}: split {data_config.get('split')!r} has no examples")
+  images = np.asarray(batch["image"])
+  spec = jax.ShapeDtypeStruct(images.shape, images.dtype)
+  try:
+    jax.eval_shape(lambda st, x: apply(nnx.merge(graphdef, *st), x), state, spec)
+  except Exception as e:  # pylint: disable=broad-except  (shape errors of any model)
+    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    shape = train_image_shape() if train_image_shape else None
+    trained = f"; training images are {_hwc(shape)}" if shape else ""
+    raise ConfigError(f"{field}: the model cannot take its images (split "
+                      f"{data_config.get('split')!r}, {_hwc(images.shape[1:])} after "
+                      f"{field}.transforms{trained}): {reason}") from None
 
 
 class FrozenFeatures:
@@ -153,6 +195,12 @@ class FrozenFeatures:
                                            max_train_examples)
     self.train_config = split_config(data_config, train_split)
     self._features = None
+
+  def check(self, graphdef, state, train_image_shape=None) -> None:
+    for config, source in ((self.train_config, self.train_source),
+                           (self.data_config, self.source)):
+      check_inputs(self.field, config, source, graphdef, state,
+                   lambda objective, images: objective.features(images), train_image_shape)
 
   def train_and_test(self, graphdef, state) -> tuple[dict, dict, int]:
     """Features (float32) and labels of both splits, and the number of classes."""

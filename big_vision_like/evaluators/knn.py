@@ -2,9 +2,10 @@
 
 Features are L2-normalised; each test example takes its k most cosine-similar
 train examples, which vote for their labels with weight exp(sim / temperature);
-the class with the largest summed weight is the prediction. Train features
-are extracted once per run; similarities are computed on device in blocks of
-test rows.
+the class with the largest summed weight is the prediction (equal votes go to
+the lower class index; a NaN among a query's neighbours' similarities is a
+miss). Train features are extracted once per run; similarities are computed on
+device in blocks of test rows.
 """
 from __future__ import annotations
 
@@ -17,15 +18,15 @@ from big_vision_like.evaluators import common
 from big_vision_like.registry import ConfigError
 
 
-@functools.partial(jax.jit, static_argnames=("k", "num_classes", "topk"))
-def knn_ranking(queries, keys, key_labels, *, k: int, temperature: float,
-                num_classes: int, topk: int):
-  """[rows, topk] classes ranked by summed exp(sim / T) over the k nearest keys."""
+@functools.partial(jax.jit, static_argnames=("k", "num_classes"))
+def knn_votes(queries, keys, key_labels, *, k: int, temperature: float, num_classes: int):
+  """[rows, classes] summed exp(sim / T) of the k nearest keys, per class; all NaN
+  for a query with a NaN among them (it has no prediction)."""
   sims = common.l2_normalize(queries) @ keys.T  # keys come normalised
   top_sims, top_idx = jax.lax.top_k(sims, k)
   weights = jnp.exp(top_sims / temperature)
   votes = (jax.nn.one_hot(key_labels[top_idx], num_classes) * weights[..., None]).sum(1)
-  return jax.lax.top_k(votes, topk)[1]
+  return jnp.where(jnp.isnan(weights).any(-1, keepdims=True), jnp.nan, votes)
 
 
 class KNN(common.FrozenFeatures):
@@ -46,9 +47,9 @@ class KNN(common.FrozenFeatures):
     train, test, classes = self.train_and_test(graphdef, state)
     keys = common.l2_normalize(jnp.asarray(train["features"]))
     key_labels = jnp.asarray(train["label"])
-    topk = min(5, classes)
-    rank = functools.partial(knn_ranking, keys=keys, key_labels=key_labels,
+    vote = functools.partial(knn_votes, keys=keys, key_labels=key_labels,
                              k=min(self.k, len(keys)), temperature=self.temperature,
-                             num_classes=classes, topk=topk)
-    predicted = common.map_blocks(rank, test["features"], common.rows_per_block(len(keys)))
-    return common.topk_metrics(predicted, test["label"], (1, 5), classes)
+                             num_classes=classes)
+    votes = common.map_blocks(vote, test["features"], common.rows_per_block(len(keys)))
+    ranks = common.label_ranks(votes, test["label"])
+    return common.topk_metrics(ranks, (1, 5), classes)

@@ -57,8 +57,11 @@ def fit(x, y, *, num_classes: int, steps: int, lr: float, weight_decay: float,
   return params
 
 
-def predict(params, x: np.ndarray) -> np.ndarray:
-  return np.asarray(jnp.argmax(jnp.asarray(x) @ params["w"] + params["b"], -1))
+def accuracy(params, x: np.ndarray, labels: np.ndarray) -> float:
+  """Fraction of argmax hits; NaN logits (a diverged fit, NaN features) are misses,
+  where argmax alone would credit class 0."""
+  logits = jnp.asarray(x) @ params["w"] + params["b"]
+  return float((np.asarray(common.label_ranks(logits, labels)) == 0).mean())
 
 
 class LinearProbe(common.FrozenFeatures):
@@ -85,5 +88,5 @@ class LinearProbe(common.FrozenFeatures):
     params = fit(jnp.asarray(x_train), jnp.asarray(train["label"]), num_classes=classes,
                  steps=self.steps, lr=self.lr, weight_decay=self.weight_decay,
                  optimizer=self.optimizer)
-    return {"accuracy": float((predict(params, x_test) == test["label"]).mean()),
-            "train_accuracy": float((predict(params, x_train) == train["label"]).mean())}
+    return {"accuracy": accuracy(params, x_test, test["label"]),
+            "train_accuracy": accuracy(params, x_train, train["label"])}

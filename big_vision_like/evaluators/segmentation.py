@@ -2,7 +2,9 @@
 
 A confusion matrix is accumulated on device over valid pixels (labels other
 than `ignore_index`; padding examples masked out); IoU_c = TP / (TP + FP + FN),
-averaged over the classes that occur in labels or predictions.
+averaged over the classes that occur in labels or predictions. A pixel with a
+NaN logit has no prediction: it counts as a miss (FN) of its true class, where
+argmax would credit it to the first NaN's class (class 0 for an all-NaN head).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from big_vision_like import data
+from big_vision_like.evaluators import common
 from big_vision_like.parallel import sharding
 
 
@@ -23,13 +26,16 @@ def confusion_matrix(labels, predictions, weights, num_classes: int) -> jax.Arra
   return counts.reshape(num_classes, num_classes)
 
 
-def scores(confusion: np.ndarray) -> dict[str, float]:
+def scores(confusion: np.ndarray, unpredicted: np.ndarray | None = None) -> dict[str, float]:
+  """mean IoU, pixel accuracy and per-class IoU; `unpredicted[c]` counts pixels of
+  class c without a prediction (misses outside the matrix)."""
+  missed = np.zeros(len(confusion)) if unpredicted is None else np.asarray(unpredicted)
   tp = np.diag(confusion)
-  union = confusion.sum(0) + confusion.sum(1) - tp
+  union = confusion.sum(0) + confusion.sum(1) + missed - tp
   present = union > 0
   iou = np.where(present, tp / np.maximum(union, 1), 0.0)
   out = {"mean_iou": float(iou[present].mean()) if present.any() else 0.0,
-         "pixel_accuracy": float(tp.sum() / max(confusion.sum(), 1))}
+         "pixel_accuracy": float(tp.sum() / max(confusion.sum() + missed.sum(), 1))}
   out.update({f"iou_{c}": float(iou[c]) for c in range(len(iou))})
   return out
 
@@ -46,11 +52,22 @@ class Segmentation:
   def _compile(self, graphdef, num_classes):
     def confusion(state, batch):
       objective = nnx.merge(graphdef, *state)
-      predictions = objective.segment(batch["image"]).argmax(-1)
+      logits = objective.segment(batch["image"])
+      predicted = ~jnp.isnan(logits).any(-1)
       labels = batch["mask"].astype(jnp.int32)
       valid = (labels != self.ignore_index) & (batch["_mask"][:, None, None] > 0)
-      return confusion_matrix(jnp.where(valid, labels, 0), predictions, valid, num_classes)
+      labels = jnp.where(valid, labels, 0)
+      missed = jnp.zeros(num_classes, jnp.float32).at[labels.reshape(-1)].add(
+          (valid & ~predicted).reshape(-1).astype(jnp.float32))
+      return (confusion_matrix(labels, logits.argmax(-1), valid & predicted, num_classes),
+              missed)
     return jax.jit(confusion)
+
+  def check(self, graphdef, state, train_image_shape=None) -> None:
+    """Fails now if the model can't take this evaluator's images (see common.check_inputs)."""
+    common.check_inputs(self.field, self.data_config, self.source, graphdef, state,
+                        lambda objective, images: objective.segment(images),
+                        train_image_shape)
 
   def run(self, graphdef, state) -> dict[str, float]:
     if self._confusion is None:
@@ -59,5 +76,6 @@ class Segmentation:
     total = None
     for batch in data.eval_batches(self.data_config, self.source, self.field):
       out = self._confusion(state, sharding.put_batch(batch, self.mesh))
-      total = out if total is None else total + out
-    return scores(np.asarray(jax.device_get(total), np.float64))
+      total = out if total is None else jax.tree.map(jnp.add, total, out)
+    confusion, missed = (np.asarray(x, np.float64) for x in jax.device_get(total))
+    return scores(confusion, missed)

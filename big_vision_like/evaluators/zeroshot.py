@@ -2,7 +2,8 @@
 
 Each class is embedded as the mean of `objective.embed_text` over prompt
 templates ("a photo of a {}."), re-normalised; an image is assigned the class
-whose embedding has the largest dot product with `objective.embed_image`.
+whose embedding has the largest dot product with `objective.embed_image`
+(equal scores go to the lower class index; a NaN score is always a miss).
 """
 from __future__ import annotations
 
@@ -28,12 +29,12 @@ def text_fn(graphdef):
   return jax.jit(embed)
 
 
-def classify_fn(graphdef, topk: int):
-  """Jitted (state, batch, class embeddings) -> top-k classes per image and labels."""
+def classify_fn(graphdef):
+  """Jitted (state, batch, class embeddings) -> each image's `label_ranks`."""
   def classify(state, batch, class_embeddings):
     objective = nnx.merge(graphdef, *state)
     scores = objective.embed_image(batch["image"]).astype(jnp.float32) @ class_embeddings.T
-    return {"predicted": jax.lax.top_k(scores, topk)[1], "label": batch["label"]}
+    return {"rank": common.label_ranks(scores, batch["label"])}
   return jax.jit(classify)
 
 
@@ -68,15 +69,21 @@ class ZeroShot:
         [class_prompt(t, c) for c in self.classes for t in self.templates])
     self._embed = self._classify = None
 
+  def check(self, graphdef, state, train_image_shape=None) -> None:
+    """Fails now if the model can't take this evaluator's images (see common.check_inputs)."""
+    common.check_inputs(self.field, self.data_config, self.source, graphdef, state,
+                        lambda objective, images: objective.embed_image(images),
+                        train_image_shape)
+
   def run(self, graphdef, state) -> dict[str, float]:
     num_classes = len(self.classes)
     ks = (1, 5) if num_classes >= 5 else (1,)
     if self._embed is None:
       self._embed = text_fn(graphdef)
-      self._classify = classify_fn(graphdef, max(ks))
+      self._classify = classify_fn(graphdef)
     embeddings = jnp.asarray(class_embeddings(
         lambda tokens: self._embed(state, tokens), self.tokens, num_classes))
     out = common.map_split(lambda s, batch: self._classify(s, batch, embeddings), state,
                            self.data_config, self.source, self.field, self.mesh,
                            ("image", "label"))
-    return common.topk_metrics(out["predicted"], out["label"], ks, num_classes)
+    return common.topk_metrics(out["rank"], ks, num_classes)

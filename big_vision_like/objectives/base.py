@@ -27,6 +27,12 @@ class Objective(nnx.Module):
     """Returns (scalar loss, metrics); metrics are averaged over the step."""
     raise NotImplementedError
 
+  def label_ranges(self) -> dict[str, tuple[int, tuple[int, ...], str]]:
+    """{batch key: (number of classes, other allowed values, the config field that
+    sets it)} for the trainer to check on the host: a label >= num_classes would
+    otherwise train silently (one_hot of it is all zeros)."""
+    return {}
+
   def after_update(self, step: jax.Array) -> None:
     """Called in the jitted step after the optimiser update (e.g. EMA teachers)."""
 

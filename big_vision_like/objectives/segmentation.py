@@ -61,5 +61,8 @@ class Segmentation(Objective):
     accuracy = jnp.where(valid, logits.argmax(-1) == labels, False).sum() / count
     return loss, {"loss": loss, "pixel_accuracy": accuracy}
 
+  def label_ranges(self):
+    return {"mask": (self.num_classes, (self.ignore_index,), "config.objective.num_classes")}
+
   def features(self, images):
     return self.backbone(images, train=False)[1]["pre_logits"]

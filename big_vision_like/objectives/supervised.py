@@ -84,6 +84,9 @@ class Supervised(Objective):
     accuracy = (logits.argmax(-1) == labels).mean()
     return loss, {"loss": loss, "accuracy": accuracy}
 
+  def label_ranges(self):
+    return {"label": (self.num_classes, (), "config.model.num_classes")}
+
   def classify(self, images):
     return self.encoder(images, train=False)[0]
 
