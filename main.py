@@ -160,6 +160,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     metrics = train.train_and_evaluate(config, _WORKDIR.value)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # training is over: no early handler
   except train.RUN_ERRORS as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)

@@ -29,6 +29,7 @@ element changes it (odd multipliers are invertible mod 2^32).
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 from typing import Any, Callable
@@ -41,13 +42,19 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from big_vision_like.registry import ConfigError
-from big_vision_like.workdir import WriteError
+from big_vision_like.parallel import distributed
+from big_vision_like.workdir import StorageError, WriteError
 
 
 # Which config fields shape each part of the state, for mismatch messages.
 _SECTION_FIELDS = {"params": "config.model / config.objective",
                    "other": "config.objective", "opt_state": "config.optim",
                    "ema_params": "config.optim.ema_decay"}
+
+
+class CheckpointReadError(StorageError):
+  """A checkpoint could not be read for a reason outside its files (memory,
+  permissions); it is left in place."""
 
 
 class CheckpointWriteError(WriteError):
@@ -65,7 +72,21 @@ def _flat(tree) -> dict[str, Any]:
 
 
 def _shapes(tree) -> dict[str, tuple]:
-  return {name: tuple(leaf.shape) for name, leaf in _flat(tree).items()}
+  """{leaf path: (shape, dtype name)}; Orbax would cast another dtype silently."""
+  return {name: (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+          for name, leaf in _flat(tree).items()}
+
+
+_NOT_THE_FILES = {errno.ENOMEM, errno.EACCES, errno.EPERM, errno.EAGAIN, errno.ETIMEDOUT,
+                  errno.ENOLCK, errno.ESTALE, errno.EMFILE, errno.ENFILE}
+
+
+def _not_the_files(e: BaseException) -> bool:
+  """A restore that failed for a reason outside the checkpoint (memory, permissions,
+  a flaky mount): moving it aside would lose a good checkpoint."""
+  if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+    return True
+  return isinstance(e, OSError) and e.errno in _NOT_THE_FILES
 
 
 def _first_line(e: BaseException) -> str:
@@ -100,18 +121,25 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
 _fingerprints = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
 
 
+def _local(tree) -> dict[str, np.ndarray]:
+  """Replicated scalars of a jitted result, as numpy (this process's copy)."""
+  flat = _flat(tree)
+  values = jax.device_get([v.addressable_data(0) for v in flat.values()])
+  return dict(zip(flat, values))
+
+
 def fingerprint(state: Any) -> dict[str, int]:
   """{leaf path: uint32 fingerprint of its bits} of a (possibly sharded) state."""
-  out = _flat(_fingerprints(state))
-  return {name: int(np.asarray(v.addressable_data(0))) for name, v in out.items()}
+  return {name: int(v) for name, v in _local(_fingerprints(state)).items()}
+
+
+_all_finite = jax.jit(lambda tree: jax.tree.map(lambda v: jnp.isfinite(v).all(), tree))
 
 
 def _nonfinite(state: Any) -> list[str]:
   """Paths of floating-point leaves that hold NaN or inf."""
-  flat = _flat(state)
-  floats = {n: v for n, v in flat.items() if jnp.issubdtype(v.dtype, jnp.floating)}
-  ok = jax.jit(lambda t: jax.tree.map(lambda v: jnp.isfinite(v).all(), t))(floats)
-  return [n for n, v in ok.items() if not bool(np.asarray(v.addressable_data(0)))]
+  floats = {n: v for n, v in _flat(state).items() if jnp.issubdtype(v.dtype, jnp.floating)}
+  return [n for n, ok in _local(_all_finite(floats)).items() if not ok]
 
 
 class Checkpointer:
@@ -121,11 +149,14 @@ class Checkpointer:
     """`read_only`: for tools reading another run's checkpoints while it may be
     writing them (no clean-up of its temporary directories, nothing created)."""
     self.directory = os.path.abspath(directory)
+    self.read_only = read_only
     self._options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only,
+        max_to_keep=None if read_only else keep, create=not read_only,
+        cleanup_tmp_directories=not read_only,
         read_only=read_only, enable_async_checkpointing=asynchronous)
     self._manager = self._open()
     self._saving: int | None = None  # the step of the last save not yet checked
+    self._reported = False  # a write error was raised: close() doesn't log it again
 
   def _open(self) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(self.directory, options=self._options,
@@ -149,7 +180,8 @@ class Checkpointer:
     caller to check that a resume means what it says.
     """
     self.wait()  # Orbax would wait for the previous save anyway; its error is its own
-    meta = {"fingerprint": fingerprint(state), "run": dict(run or {})}
+    meta = {"fingerprint": fingerprint(state), "run": dict(run or {}),
+            "data_position": data_iterator.get_state()}
     try:
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
@@ -168,6 +200,7 @@ class Checkpointer:
       raise self._write_error(self._saving, e) from None
 
   def _write_error(self, step: int | None, e: BaseException) -> CheckpointWriteError:
+    self._reported = True
     kept = [s for s in self.all_steps() if s != step]
     where = self.path(step) if step is not None else self.directory
     newest = f"the newest intact one is {self.path(kept[-1])}" if kept else "none was saved before"
@@ -186,6 +219,8 @@ class Checkpointer:
     ConfigError to refuse a checkpoint whose run facts differ. The data
     iterator is moved only when the whole checkpoint restores.
     """
+    if self.read_only:
+      raise ValueError("restore() may move checkpoints aside; use read() when read_only")
     fresh = data_iterator.get_state()
     for step in reversed(self.all_steps()):
       try:
@@ -194,6 +229,7 @@ class Checkpointer:
         raise
       except Exception:  # unreadable metadata: let the restore below report it
         pass
+      failure = None
       try:
         meta = self._read_meta(step)
         if check_run is not None:
@@ -201,12 +237,21 @@ class Checkpointer:
         restored = self._read_state(step, abstract_state, meta)
         self._manager.restore(step, args=ocp.args.Composite(
             data=grain.checkpoint.CheckpointRestore(data_iterator)))
-        return restored, step, meta.get("run", {})
+        self._verify_position(data_iterator, meta)
       except ConfigError:
         raise
       except Exception as e:  # Orbax / tensorstore raise many error types
-        data_iterator.set_state(fresh)
-        self._move_aside(step, _first_line(e))
+        if _not_the_files(e):
+          data_iterator.set_state(fresh)
+          raise CheckpointReadError(
+              f"cannot read checkpoint {self.path(step)}: {_first_line(e)}; nothing was "
+              f"moved: fix the cause and run the same command again") from None
+        failure = _first_line(e)
+      # Every process must take the same checkpoint (each reads its own data position).
+      if not distributed.any_process(failure is not None):
+        return restored, step, meta.get("run", {})
+      data_iterator.set_state(fresh)
+      self._move_aside(step, failure or "it failed to restore on another process")
     data_iterator.set_state(fresh)
     return None
 
@@ -225,6 +270,15 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state)))["state"]
     self._verify(restored, meta)
     return restored
+
+  @staticmethod
+  def _verify_position(data_iterator, meta: dict) -> None:
+    """The data position restored equals the one saved (process 0's, in the meta)."""
+    saved = meta.get("data_position")
+    if saved is not None and jax.process_index() == 0:
+      if data_iterator.get_state() != saved:
+        raise ValueError(f"the data position read back is {data_iterator.get_state()}, "
+                         f"but {saved} was written")
 
   def _read_meta(self, step: int) -> dict:
     if not os.path.isdir(os.path.join(self.path(step), "meta")):
@@ -247,7 +301,10 @@ class Checkpointer:
       raise ValueError(f"{len(bad)} arrays hold NaN/inf (first: {bad[0]})")
 
   def _move_aside(self, step: int, reason: str) -> None:
-    aside = self.path(step) + ".corrupt"
+    aside, n = self.path(step) + ".corrupt", 1
+    while os.path.exists(aside):  # an earlier fault of a checkpoint with this step
+      n += 1
+      aside = f"{self.path(step)}.corrupt{n}"
     logging.error("Checkpoint %s is corrupt or incomplete (%s); moved it to %s and "
                   "trying the previous one.", self.path(step), reason, aside)
     if jax.process_index() == 0:
@@ -278,9 +335,11 @@ class Checkpointer:
                         f"{'; '.join(parts)} (see {', '.join(fields)}); {fix}")
     for name in sorted(expected, key=order):
       if saved[name] != expected[name]:
+        (shape, dtype), (want_shape, want_dtype) = saved[name], expected[name]
+        what = (f"shape {shape} there but {want_shape}" if shape != want_shape else
+                f"dtype {dtype} there but {want_dtype}")
         raise ConfigError(f"checkpoint {self.path(step)} does not match the config: {name} "
-                          f"has shape {saved[name]} there but {expected[name]} in the config; "
-                          f"{fix}")
+                          f"has {what} in the config; {fix}")
 
   def wait(self) -> None:
     """Waits for the pending save; raises CheckpointWriteError if it failed."""
@@ -295,7 +354,8 @@ class Checkpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      logging.error("%s", self._write_error(self._saving, e))
+      if not self._reported:
+        logging.error("%s", self._write_error(self._saving, e))
     try:
       self._manager.close()
     except Exception as e:  # pylint: disable=broad-except

@@ -22,6 +22,7 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
+    self.keys_at_start: set[str] = set()  # what was logged at the resumed step
     if not self.enabled:
       return
     if os.path.exists(self.path):
@@ -30,6 +31,9 @@ class MetricWriter:
       kept = [line for line in lines if line.strip() and _step_of(line) <= start_step]
       if kept != lines:
         self._replace(kept)
+      for line in kept:
+        if _step_of(line) == start_step:
+          self.keys_at_start.update(json.loads(line))
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),

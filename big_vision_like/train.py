@@ -33,7 +33,7 @@ from big_vision_like.parallel import distributed
 from big_vision_like.parallel import mesh as mesh_lib
 from big_vision_like.parallel import sharding
 from big_vision_like.registry import ConfigError, check_kwargs
-from big_vision_like.workdir import WorkdirLock, WriteError
+from big_vision_like.workdir import StorageError, WorkdirLock, WriteError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -41,7 +41,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # What stops a run with a one-line message (main prints it, exit status 1).
-RUN_ERRORS = (ConfigError, NonFiniteLossError, WriteError)
+RUN_ERRORS = (ConfigError, NonFiniteLossError, StorageError)
 
 
 # ----------------------------------------------------------------------------
@@ -323,19 +323,24 @@ def check_labels(values, ranges_key: str, limits, where: str) -> None:
                       f"0..{num_classes - 1}{also}; fix the data or {field}")
 
 
-def _check_source_labels(trainer, config, train_source, evaluators) -> None:
-  """Labels out of range, found before training where the sources list their labels."""
+def _check_source_labels(trainer, config, train_source, evaluators) -> bool:
+  """Labels out of range, found before training where the sources list their labels;
+  True if the training labels were all checked here (no need to check each batch)."""
   limits = trainer.label_ranges.get("label")
   if limits is None:
-    return
+    return False
   sources = [(train_source, f"config.input (split {config.input.split!r})")]
   for name, (evaluator, _) in evaluators.items():
     if config.evals[name].name == "classification" and hasattr(evaluator, "source"):
       sources.append((evaluator.source, f"config.evals.{name}"))
+  checked = []
   for source, where in sources:
     labels = getattr(source, "labels", None)
-    if isinstance(labels, np.ndarray) and labels.size:
+    listed = isinstance(labels, np.ndarray) and labels.size > 0
+    if listed:
       check_labels(labels, "label", limits, where)
+    checked.append(listed)
+  return checked[0]
 
 
 def _check_evaluator_inputs(config, trainer, train_source, evaluators) -> None:
@@ -356,6 +361,7 @@ def _run_facts(config, trainer, num_examples: int, step: int) -> dict:
   """What gives a checkpoint's data position its meaning, and where the schedule was."""
   return {"batch_size": int(config.input.batch_size), "seed": int(config.seed),
           "num_examples": int(num_examples), "process_count": jax.process_count(),
+          "num_workers": int(config.input.num_workers or 0),
           "total_steps": int(trainer.total_steps), "lr": float(trainer.lr_fn(step))}
 
 
@@ -364,12 +370,15 @@ def _resume_checker(config, trainer, num_examples: int):
   now = _run_facts(config, trainer, num_examples, 0)
   fields = {"batch_size": "config.input.batch_size", "seed": "config.seed",
             "num_examples": "the number of training examples",
-            "process_count": "the number of processes"}
+            "process_count": "the number of processes",
+            "num_workers": "config.input.num_workers"}
   why = {"batch_size": "the saved data position counts batches of the old size",
          "seed": "the data order and random numbers would change mid-run",
          "num_examples": "the saved data position would point at other examples "
                          "(the training split changed)",
-         "process_count": "the data positions are saved per process"}
+         "process_count": "the data positions are saved per process",
+         "num_workers": "grain saves one position per worker process (the batches "
+                        "are the same, but the saved position can't be carried over)"}
 
   def check(step: int, saved: dict) -> None:
     for key, field in fields.items():
@@ -409,7 +418,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train_and_evaluate(config, workdir: str, term: _Terminate) -> dict[str, float]:
   configuration.validate(config)
-  lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = WorkdirLock(workdir)
+    except RUN_ERRORS as e:
+      error = e
+  if distributed.any_process(error is not None):  # the other processes stop too
+    raise error or ConfigError(f"process 0 could not claim --workdir={workdir} (its log "
+                               f"says why)")
   try:
     return _run(config, workdir, term)
   finally:
@@ -431,7 +448,9 @@ def _run(config, workdir: str, term: _Terminate) -> dict[str, float]:
     steps_per_epoch = max(1, len(train_source) // config.input.batch_size)
     trainer = Trainer(config, mesh, steps_per_epoch)
     evaluators = build_evaluators(config, mesh)
-    _check_source_labels(trainer, config, train_source, evaluators)
+    batch_checks = dict(trainer.label_ranges)
+    if _check_source_labels(trainer, config, train_source, evaluators):
+      batch_checks.pop("label")  # all of them checked already
     _check_evaluator_inputs(config, trainer, train_source, evaluators)
     iterator = data.train_iterator(config.input, train_source, config.seed)
     ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -441,6 +460,7 @@ def _run(config, workdir: str, term: _Terminate) -> dict[str, float]:
     try:
       restored = ckpt.restore(trainer.abstract_state, iterator,
                               _resume_checker(config, trainer, len(train_source)))
+      saved = {}
       if restored is None:
         state, start = trainer.init_state(), 0
         logging.info("Starting from scratch: %d steps (%.1f epochs of %d examples).",
@@ -452,8 +472,9 @@ def _run(config, workdir: str, term: _Terminate) -> dict[str, float]:
       _save_config(config, workdir)
       writer = MetricWriter(workdir, start)
       facts = lambda step: _run_facts(config, trainer, len(train_source), step)  # noqa: E731
-      return _loop(config, trainer, state, start, iterator, evaluators, ckpt,
-                   writer, mesh, term, facts, restored_from=start if restored else None)
+      return _loop(config, trainer, state, start, iterator, evaluators, ckpt, writer,
+                   mesh, term, facts, batch_checks,
+                   restored_from=(start, bool(saved)) if restored else None)
     finally:
       if writer is not None:
         writer.close()
@@ -486,18 +507,20 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, step: int | No
     return nnx.merge(trainer.graphdef, *trainer.eval_state(state)), step
 
 
-def _check_finite(state, ckpt, restored_from: int | None) -> None:
+def _check_finite(state, ckpt, restored_from: tuple[int, bool] | None) -> None:
+  """`restored_from`: (step, whether its fingerprint was verified) of the restore."""
   bad = int(state["nonfinite_step"])
   if bad < 0:
     return
-  if bad == restored_from:
-    # Not "good": it produced the NaN on its very first step, though it reads back
-    # exactly as written (fingerprint) and holds finite values.
+  if restored_from is not None and bad == restored_from[0]:
+    # Not "good": it produced the NaN on its very first step.
+    how = ("reads back exactly as it was written and its values are finite, so suspect "
+           "the input data or the config changes of this run" if restored_from[1] else
+           "has finite values but no fingerprint to verify (an older version wrote it)")
     raise NonFiniteLossError(
         f"loss or gradients became NaN/inf at step {bad}, the first step after "
-        f"restoring {ckpt.path(bad)}; that checkpoint reads back exactly as it was "
-        f"written and its values are finite, so suspect the input data or the config "
-        f"changes of this run; parameters from before that step were kept.")
+        f"restoring {ckpt.path(bad)}; that checkpoint {how}; parameters from before "
+        f"that step were kept.")
   good = ckpt.latest_step()
   where = ckpt.path(good) + f" (step {good})" if good is not None else "none"
   raise NonFiniteLossError(
@@ -514,23 +537,31 @@ def _stop_requested(term: _Terminate, step: int, every: int) -> bool:
   return step % every == 0 and distributed.any_process(term.requested)
 
 
-def _check_batch(batch, trainer, step: int) -> None:
-  for key, limits in trainer.label_ranges.items():
+def _check_batch(batch, checks, step: int) -> None:
+  for key, limits in checks.items():
     if key in batch:
       check_labels(batch[key], key, limits, f"the training batch of step {step}")
 
 
 def _loop(config, trainer, state, start, iterator, evaluators, ckpt, writer, mesh,
-          term, facts, restored_from):
+          term, facts, batch_checks, restored_from):
   total = trainer.total_steps
   batch_size = config.input.batch_size
   final: dict[str, float] = {}
+  term.start_loop()
+  # Checkpoints are saved before their step's evaluations: a run stopped between
+  # the two evaluates that step now (the final step is evaluated again below).
+  logged = lambda name: any(k.startswith(f"eval/{name}/") for k in writer.keys_at_start)  # noqa: E731
+  missed = [name for name, (_, every) in evaluators.items()
+            if 0 < start < total and start % every == 0  # process 0 has the log: it decides
+            and distributed.any_process(jax.process_index() == 0 and not logged(name))]
+  if missed:
+    _evaluate(missed, evaluators, trainer, state, writer, start, total)
   mark_time, mark_step, excluded = time.perf_counter(), start, 0.0
   first_step_time = None
-  term.start_loop()
   for step in range(start + 1, total + 1):
     batch = next(iterator)
-    _check_batch(batch, trainer, step)
+    _check_batch(batch, batch_checks, step)
     state, metrics = trainer.train_step(state, sharding.put_batch(batch, mesh, trainer.rules))
     if first_step_time is None:  # exclude compilation from throughput
       jax.block_until_ready(metrics)
@@ -563,7 +594,7 @@ def _loop(config, trainer, state, start, iterator, evaluators, ckpt, writer, mes
       _check_finite(state, ckpt, restored_from)
       ckpt.save(step, state, iterator, facts(step))
     due = [name for name, (_, every) in evaluators.items() if step % every == 0 or last]
-    if due:
+    if due and not stop:  # preempted: exit within the grace period; evaluated on resume
       results = _evaluate(due, evaluators, trainer, state, writer, step, total)
       if last:
         final = results

@@ -17,14 +17,20 @@ import fcntl
 import os
 import socket
 
+from absl import logging
+
 from big_vision_like.registry import ConfigError
 
 LOCK_NAME = ".lock"
 
 
-class WriteError(OSError):
-  """A file of the run could not be written (a full disk, lost permissions); what
-  was saved before is intact. Its message is one line naming the path."""
+class StorageError(OSError):
+  """A file of the run could not be read or written; its message is one line naming
+  the path, and nothing saved before is lost."""
+
+
+class WriteError(StorageError):
+  """A file of the run could not be written (a full disk, lost permissions)."""
 
 
 class WorkdirLock:
@@ -46,10 +52,17 @@ class WorkdirLock:
       os.close(self._fd)
       raise ConfigError(f"--workdir={workdir} is in use by another run ({holder}); wait "
                         f"for it to finish, stop it, or use another --workdir") from None
+    except OSError as e:  # Lustre without -o flock (ENOSYS), NFS without lockd (ENOLCK)
+      logging.warning("cannot lock %s (%s): this filesystem has no flock, so nothing "
+                      "stops a second run on this workdir", self.path, e.strerror or e)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
-    os.ftruncate(self._fd, 0)
-    os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n"
-              .encode(), 0)
+    try:
+      os.ftruncate(self._fd, 0)
+      os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n"
+                .encode(), 0)
+    except OSError as e:
+      os.close(self._fd)
+      raise WriteError(f"cannot write {self.path}: {e.strerror or e}") from None
 
   def release(self) -> None:
     if self._fd is not None:

@@ -6,12 +6,16 @@ Checkpoints
   result equals resuming from that previous one directly. `train.load_trained`
   (notebooks, tools) refuses such a checkpoint too.
 - When every checkpoint is bad, the fresh start is really fresh: parameters equal a
-  run in an empty workdir, bit for bit (the data position is not left behind).
+  run in an empty workdir, bit for bit (the data position is not left behind), also
+  when the bad part is the saved data position itself.
+- A second fault of the same step is moved aside beside the first (`.corrupt2`); a
+  restore that fails for a reason outside the files (out of memory, permissions)
+  moves nothing and says so.
 - A config change that alters the state's tree (EMA turned off, another optimiser)
-  is a one-line error naming what differs; nothing is moved aside.
-- A resume with another batch size, seed, or a total_steps below the checkpoint is
-  refused; a longer total_steps is allowed and reported in one line with the lr
-  before and after.
+  or a dtype is a one-line error naming what differs; nothing is moved aside.
+- A resume with another batch size, seed, number of grain workers, or a total_steps
+  below the checkpoint is refused; a longer total_steps is allowed and reported in
+  one line with the lr before and after.
 - NaN on the first step after a restore never calls that checkpoint "good"
   (tests/test_train.py::test_nan_loss_stops_naming_step_and_checkpoint).
 
@@ -25,7 +29,7 @@ Workdir and files
 
 Evaluators and data
 - The checkpoint of a step is saved before that step's evaluation, so an evaluator
-  that crashes loses nothing.
+  that crashes loses nothing, and the resumed run evaluates that step first.
 - An evaluator whose images the model can't take fails at start, before training.
 - Labels >= num_classes: an error at start where the source lists its labels, at the
   batch otherwise.
@@ -48,6 +52,7 @@ import jax
 import numpy as np
 from absl.testing import absltest, parameterized
 
+from big_vision_like import checkpoint as checkpoint_lib
 from big_vision_like import metrics as metrics_lib
 from big_vision_like import train
 from big_vision_like.data import sources
@@ -132,6 +137,44 @@ class CorruptCheckpointTest(absltest.TestCase):
     _assert_same(self, _params(workdir, 6), _params(fresh, 6))
 
 
+  def test_a_tampered_data_position_is_detected_and_the_fresh_start_is_fresh(self):
+    workdir = self.create_tempdir().full_path
+    _run(workdir)
+    for path in glob.glob(os.path.join(workdir, "checkpoints", "*", "data", "*.json")):
+      with open(path, "w") as f:
+        f.write('{"next_index": 12345}')  # valid, so the data restore itself succeeds
+    fresh = self.create_tempdir().full_path
+    _run(fresh)
+    with self.assertLogs(level="ERROR") as logs:
+      _run(workdir)
+    self.assertIn("the data position read back is {'next_index': 12345}", "\n".join(logs.output))
+    _assert_same(self, _params(workdir, 6), _params(fresh, 6))
+
+  def test_a_second_fault_of_the_same_step_keeps_both_copies(self):
+    workdir = self.create_tempdir().full_path
+    _run(workdir, total_steps=3)
+    for attempt in range(2):
+      for path in glob.glob(os.path.join(workdir, "checkpoints", "3", "state", "*")):
+        if os.path.isfile(path):
+          with open(path, "wb") as f:
+            f.write(b"corrupt")
+      with self.assertLogs(level="ERROR"):
+        _run(workdir, total_steps=3)
+    self.assertEqual(sorted(os.listdir(os.path.join(workdir, "checkpoints"))),
+                     ["3", "3.corrupt", "3.corrupt2"])
+
+  def test_a_failure_outside_the_files_moves_nothing(self):
+    workdir = self.create_tempdir().full_path
+    _run(workdir, total_steps=3)
+    oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0GiB")
+    with mock.patch.object(checkpoint_lib.Checkpointer, "_read_state", side_effect=oom):
+      with self.assertRaisesRegex(checkpoint_lib.CheckpointReadError,
+                                  r"cannot read checkpoint .*checkpoints/3: RESOURCE_EXHAUSTED.*"
+                                  r"nothing was moved"):
+        _run(workdir, total_steps=6)
+    self.assertEqual(os.listdir(os.path.join(workdir, "checkpoints")), ["3"])
+
+
 class ChangedConfigTest(absltest.TestCase):
 
   def _assert_untouched(self, workdir, steps):
@@ -144,6 +187,14 @@ class ChangedConfigTest(absltest.TestCase):
                                 r"it has \d+ entries this config lacks \(first: ema_params/.*"
                                 r"config\.optim\.ema_decay"):
       _run(workdir, total_steps=6)
+    self._assert_untouched(workdir, ["3"])
+
+  def test_another_dtype_is_a_config_error_not_a_silent_cast(self):
+    workdir = self.create_tempdir().full_path
+    _run(workdir, total_steps=3)
+    with self.assertRaisesRegex(ConfigError, r"does not match the config: params/.* has dtype "
+                                r"float32 there but bfloat16 in the config"):
+      _run(workdir, **{"model.param_dtype": "bfloat16"})
     self._assert_untouched(workdir, ["3"])
 
   def test_another_optimiser_is_a_config_error(self):
@@ -163,6 +214,9 @@ class ChangedConfigTest(absltest.TestCase):
       _run(workdir, seed=1)
     with self.assertRaisesRegex(ConfigError, r"checkpoint 3 .* is past config.total_steps=2"):
       _run(workdir, total_steps=2)
+    with self.assertRaisesRegex(ConfigError, r"written with config.input.num_workers 0, this "
+                                r"run has 1: grain saves one position per worker"):
+      _run(workdir, **{"input.num_workers": 1})
     self._assert_untouched(workdir, ["3"])
 
   def test_a_longer_run_continues_and_says_how_the_schedule_changes(self):
@@ -268,6 +322,16 @@ class EvaluatorAndDataTest(parameterized.TestCase):
       with self.assertRaisesRegex(RuntimeError, "evaluator bug"):
         _run(workdir, total_steps=4, eval_every_steps=4, checkpoint_every_steps=4)
     self.assertEqual(os.listdir(os.path.join(workdir, "checkpoints")), ["4"])
+
+  def test_a_resume_evaluates_the_step_whose_evaluation_was_lost(self):
+    workdir = self.create_tempdir().full_path
+    with mock.patch.object(classification.Classification, "run",
+                           side_effect=RuntimeError("evaluator bug")):
+      with self.assertRaises(RuntimeError):
+        _run(workdir, total_steps=8, eval_every_steps=4, checkpoint_every_steps=4)
+    _run(workdir, total_steps=8, eval_every_steps=4, checkpoint_every_steps=4)
+    evaluated = [r["step"] for r in helpers.read_metrics(workdir) if "eval/test/accuracy" in r]
+    self.assertEqual(evaluated, [4, 8])
 
   def test_eval_images_the_model_cannot_take_fail_before_training(self):
     workdir = self.create_tempdir().full_path

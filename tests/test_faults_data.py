@@ -244,6 +244,17 @@ class ImageFolderClassesTest(parameterized.TestCase):
                                   r"classes=\[...\] does not list it"):
         data.build_source(source_config(d, classes=["cat"]), "c")
 
+  def test_another_training_split_name_is_named_or_an_error(self):
+    with tempfile.TemporaryDirectory() as d:
+      write_tree(d, {"training": {"cat": 1, "dog": 1}, "validation": {"dog": 1}})
+      with self.assertRaisesRegex(ConfigError, r"no 'train' split in .* to take the class "
+                                  r"indices from \(it has training, validation\); set "
+                                  r"class_split"):
+        data.build_source(source_config(d, "validation"), "c")
+      test = data.build_source(source_config(d, "validation", class_split="training"), "c")
+      self.assertEqual(test.classes, ["cat", "dog"])
+      np.testing.assert_array_equal(test.labels, [1])  # dog stays 1
+
 
 def train_config(path, transforms, batch_size=4, **kw):
   return ml_collections.ConfigDict({

@@ -196,14 +196,17 @@ class ImageFolderSource:
   """`<root>/<split>/<class>/<image>` as a directory, a .tar, or a .tar.gz.
 
   Class indices are the same for every split: `classes` in that order when
-  given, else the sorted class folders of the split named 'train' (of this
-  split when data_dir has no 'train'), so a class missing from the test split
-  shifts no label. A class folder that they lack is an error. `<root>` may sit
-  at any depth inside a tar (e.g. `cifar10/train/cat/0001.jpg`).
+  given, else the sorted class folders of the split `class_split` ('train'; set
+  it for other layouts, e.g. 'training'), so a class missing from the test split
+  shifts no label. A class folder that they lack is an error, and so is a
+  missing `class_split` when data_dir has other splits (a lone split is its own
+  reference). `<root>` may sit at any depth inside a tar (e.g.
+  `cifar10/train/cat/0001.jpg`).
   """
 
-  def __init__(self, split: str, data_dir: str, classes: Sequence[str] = ()):
-    train_classes = set()
+  def __init__(self, split: str, data_dir: str, classes: Sequence[str] = (),
+               class_split: str = "train"):
+    train_classes, splits = set(), set()
 
     def in_split(name: str, split: str = split) -> bool:
       parts = name.split("/")
@@ -211,14 +214,21 @@ class ImageFolderSource:
               and parts[-1].lower().endswith(IMAGE_EXTENSIONS))
 
     def seen(name: str):
-      if in_split(name, "train"):
-        train_classes.add(name.split("/")[-2])
+      parts = name.split("/")
+      if len(parts) >= 3 and parts[-1].lower().endswith(IMAGE_EXTENSIONS):
+        splits.add(parts[-3])
+      if in_split(name, class_split):
+        train_classes.add(parts[-2])
 
     self.files = FileTree(data_dir, keep=in_split, seen=seen)
     if not self.files.names:
       raise ConfigError(f"no images under '<root>/{split}/<class>/' in {data_dir}")
     self.names = sorted(self.files.names, key=lambda n: (n.split("/")[-2], n))
     folders = sorted({n.split("/")[-2] for n in self.names})
+    if not classes and not train_classes and splits != {split}:
+      raise ConfigError(f"no {class_split!r} split in {data_dir} to take the class indices "
+                        f"from (it has {', '.join(sorted(splits))}); set class_split to "
+                        f"the training split's folder or classes=[...]")
     self.classes = self._classes(classes, train_classes or folders, folders, split)
     self.num_classes = len(self.classes)
     index = {c: i for i, c in enumerate(self.classes)}
