@@ -147,9 +147,22 @@ class _QuietLibraries:
     return record.levelno >= 30 or not noisy
 
 
+def _quiet_closed_loops(hook):
+  """After a failed background save, TensorStore still calls back into Orbax's closed
+  asyncio loop and prints "RuntimeError: Event loop is closed" once per array. The
+  run has already said what failed, in one line: drop that echo, nothing else."""
+  def filtered(*args):
+    error = args[0].exc_value if len(args) == 1 else args[1]
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      hook(*args)
+  return filtered
+
+
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  sys.excepthook = _quiet_closed_loops(sys.excepthook)
+  sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
   from big_vision_like import train  # pylint: disable=g-import-not-at-top
   from big_vision_like.parallel import distributed  # pylint: disable=g-import-not-at-top
   try:

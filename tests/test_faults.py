@@ -276,6 +276,17 @@ class WorkdirTest(absltest.TestCase):
     metrics_lib.MetricWriter(workdir, 5).close()
     self.assertEqual([r["step"] for r in helpers.read_metrics(workdir)], [1, 2, 3, 4, 5])
 
+  def test_only_the_closed_loop_echo_of_a_failed_save_is_dropped(self):
+    sys.path.insert(0, helpers.REPO)
+    import main  # pylint: disable=g-import-not-at-top
+    seen = []
+    hook = main._quiet_closed_loops(lambda *args: seen.append(args))  # pylint: disable=protected-access
+    hook(RuntimeError, RuntimeError("Event loop is closed"), None)
+    self.assertEqual(seen, [])
+    real = RuntimeError("a real bug")
+    hook(RuntimeError, real, None)
+    self.assertIs(seen[0][1], real)
+
   def test_an_unwritable_workdir_is_one_line_at_start(self):
     blocker = os.path.join(self.create_tempdir().full_path, "a_file")
     open(blocker, "w").close()
@@ -373,6 +384,8 @@ class EvaluatorAndDataTest(parameterized.TestCase):
     self.assertIn("SIGTERM before training started: nothing to save; run the same command "
                   "to resume.", stderr)
     self.assertFalse(glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*")))
+    if not after_start:  # main's own handler answered: the trainer never started
+      self.assertNotIn("Mesh", stderr)
 
 
 class _DigitsWithoutLabelList(sources.DigitsSource):

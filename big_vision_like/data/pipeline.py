@@ -188,7 +188,9 @@ class _Padded:
 
   def __getitem__(self, i):
     real = i < len(self.source)
-    element = dict(self.source[i if real else 0])
+    # Padding repeats the source from its start (masked out): consecutive padding
+    # rows are different examples, so a skipped undecodable one is soon replaced.
+    element = dict(self.source[i if real else i % len(self.source)])
     element["_mask"] = np.float32(real)
     return element
 
