@@ -229,6 +229,20 @@ class MultiProcessTest(absltest.TestCase):
     for a, b in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_two)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
+  def test_a_workdir_in_use_stops_every_process_at_once(self):
+    from big_vision_like.workdir import WorkdirLock  # pylint: disable=g-import-not-at-top
+    workdir = self.create_tempdir().full_path
+    held = WorkdirLock(workdir)  # another run owns it
+    try:
+      processes = start_processes(workdir, heartbeat=60)
+      outputs = [p.communicate(timeout=120) for p in processes]
+    finally:
+      held.release()
+    for p in processes:
+      self.assertEqual(p.returncode, 1)
+    self.assertIn("is in use by another run", outputs[0][1])
+    self.assertIn("process 0 could not claim --workdir", outputs[1][1])
+
   def test_a_dead_process_stops_the_others(self):
     workdir = self.create_tempdir().full_path
     processes = start_processes(workdir, "--config.total_steps=100000",
