@@ -4,7 +4,8 @@ config -> mesh -> data pipeline and objective (which builds its models) ->
 jitted train step -> metrics, evaluators, checkpoints. The objective is split
 once into a graph definition and its state; the step is a pure function of the
 state, jitted with explicit shardings and buffer donation. Running the same
-command again resumes from the newest good checkpoint.
+command again resumes from the newest good checkpoint (`checkpoint.py`); what is
+checked before training and at a resume is in `preflight.py`.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import signal
 import time
 from typing import Any
 
-import numpy as np
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ from absl import logging
 from flax import nnx
 
 from big_vision_like import checkpoint as checkpoint_lib
-from big_vision_like import configuration, cpu_allocator, data, optim
+from big_vision_like import configuration, cpu_allocator, data, optim, preflight
 from big_vision_like.evaluators import EVALUATORS
 from big_vision_like.metrics import MetricWriter
 from big_vision_like.objectives import OBJECTIVES
@@ -309,106 +309,6 @@ def _save_config(config, workdir: str) -> None:
       raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def _first_out_of_range(values: np.ndarray, num_classes: int, allowed) -> int | None:
-  """About 1 ms per million mask pixels on one CPU core, overlapping the device step."""
-  bad = (values < 0) | (values >= num_classes)
-  for value in allowed:
-    bad &= values != value
-  return int(values[bad].flat[0]) if bad.any() else None
-
-
-def check_labels(values, ranges_key: str, limits, where: str) -> None:
-  """ConfigError naming a value of `values` outside [0, num_classes) (and not allowed)."""
-  num_classes, allowed, field = limits
-  value = _first_out_of_range(np.asarray(values), num_classes, allowed)
-  if value is not None:
-    also = f" (or {', '.join(map(str, allowed))})" if allowed else ""
-    raise ConfigError(f"{where} has {ranges_key} {value} but {field}={num_classes} allows "
-                      f"0..{num_classes - 1}{also}; fix the data or {field}")
-
-
-def _check_source_labels(trainer, config, train_source, evaluators) -> bool:
-  """Labels out of range, found before training where the sources list their labels;
-  True if the training labels were all checked here (no need to check each batch)."""
-  limits = trainer.label_ranges.get("label")
-  if limits is None:
-    return False
-  sources = [(train_source, f"config.input (split {config.input.split!r})")]
-  for name, (evaluator, _) in evaluators.items():
-    if config.evals[name].name == "classification" and hasattr(evaluator, "source"):
-      sources.append((evaluator.source, f"config.evals.{name}"))
-  checked = []
-  for source, where in sources:
-    labels = getattr(source, "labels", None)
-    listed = isinstance(labels, np.ndarray) and labels.size > 0
-    if listed:
-      check_labels(labels, "label", limits, where)
-    checked.append(listed)
-  return checked[0]
-
-
-def _check_evaluator_inputs(config, trainer, train_source, evaluators) -> None:
-  """One batch of each evaluator's data through the model's shapes, before training:
-  a test split the model can't take fails now, not after the training it would end."""
-  def train_shape():
-    first = data.train_dataset(config.input, train_source, config.seed)[0]
-    image = first.get("image") if isinstance(first, dict) else None
-    return tuple(np.shape(image)[1:]) if image is not None else None
-
-  state = trainer.eval_state(trainer.abstract_state)
-  for evaluator, _ in evaluators.values():
-    if hasattr(evaluator, "check"):
-      evaluator.check(trainer.graphdef, state, train_shape)
-
-
-def _run_facts(config, trainer, num_examples: int, step: int) -> dict:
-  """What gives a checkpoint's data position its meaning, and where the schedule was."""
-  return {"batch_size": int(config.input.batch_size), "seed": int(config.seed),
-          "num_examples": int(num_examples), "process_count": jax.process_count(),
-          "num_workers": int(config.input.num_workers or 0),
-          "total_steps": int(trainer.total_steps), "lr": float(trainer.lr_fn(step))}
-
-
-def _resume_checker(config, trainer, num_examples: int):
-  """Refuses a resume that would make the run not what its config says."""
-  now = _run_facts(config, trainer, num_examples, 0)
-  fields = {"batch_size": "config.input.batch_size", "seed": "config.seed",
-            "num_examples": "the number of training examples",
-            "process_count": "the number of processes",
-            "num_workers": "config.input.num_workers"}
-  why = {"batch_size": "the saved data position counts batches of the old size",
-         "seed": "the data order and random numbers would change mid-run",
-         "num_examples": "the saved data position would point at other examples "
-                         "(the training split changed)",
-         "process_count": "the data positions are saved per process",
-         "num_workers": "grain saves one position per worker process (the batches "
-                        "are the same, but the saved position can't be carried over)"}
-
-  def check(step: int, saved: dict) -> None:
-    for key, field in fields.items():
-      if key in saved and saved[key] != now[key]:
-        raise ConfigError(f"checkpoint {step} in this workdir was written with {field} "
-                          f"{saved[key]}, this run has {now[key]}: {why[key]}; resume "
-                          f"with {saved[key]} or use another --workdir")
-    if step > trainer.total_steps:
-      raise ConfigError(f"checkpoint {step} in this workdir is past config.total_steps="
-                        f"{trainer.total_steps}; raise it or use another --workdir")
-
-  return check
-
-
-def _report_resume(config, trainer, ckpt, start: int, saved: dict) -> None:
-  logging.info("Resumed from %s at step %d of %d.", ckpt.path(start), start,
-               trainer.total_steps)
-  before = saved.get("total_steps")
-  if before is not None and before != trainer.total_steps:
-    logging.warning(
-        "config.total_steps is %d, the checkpoint's run had %d: from step %d on, the "
-        "lr schedule is that of a %d-step run (lr %.2e there -> %.2e now).",
-        trainer.total_steps, before, start, trainer.total_steps, saved.get("lr", float("nan")),
-        float(trainer.lr_fn(start)))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
   with _Terminate() as term:
@@ -453,9 +353,9 @@ def _run(config, workdir: str, term: _Terminate) -> dict[str, float]:
     trainer = Trainer(config, mesh, steps_per_epoch)
     evaluators = build_evaluators(config, mesh)
     batch_checks = dict(trainer.label_ranges)
-    if _check_source_labels(trainer, config, train_source, evaluators):
+    if preflight.source_labels(trainer, config, train_source, evaluators):
       batch_checks.pop("label")  # all of them checked already
-    _check_evaluator_inputs(config, trainer, train_source, evaluators)
+    preflight.evaluator_inputs(config, trainer, train_source, evaluators)
     iterator = data.train_iterator(config.input, train_source, config.seed)
     ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        keep=config.keep_checkpoints,
@@ -463,7 +363,7 @@ def _run(config, workdir: str, term: _Terminate) -> dict[str, float]:
     writer = None
     try:
       restored = ckpt.restore(trainer.abstract_state, iterator,
-                              _resume_checker(config, trainer, len(train_source)))
+                              preflight.resume_checker(config, trainer, len(train_source)))
       saved = {}
       if restored is None:
         state, start = trainer.init_state(), 0
@@ -472,10 +372,10 @@ def _run(config, workdir: str, term: _Terminate) -> dict[str, float]:
                      len(train_source))
       else:
         state, start, saved = restored
-        _report_resume(config, trainer, ckpt, start, saved)
+        preflight.report_resume(config, trainer, ckpt, start, saved)
       _save_config(config, workdir)
       writer = MetricWriter(workdir, start)
-      facts = lambda step: _run_facts(config, trainer, len(train_source), step)  # noqa: E731
+      facts = lambda step: preflight.run_facts(config, trainer, len(train_source), step)  # noqa: E731
       return _loop(config, trainer, state, start, iterator, evaluators, ckpt, writer,
                    mesh, term, facts, batch_checks,
                    restored_from=(start, bool(saved)) if restored else None)
@@ -544,7 +444,7 @@ def _stop_requested(term: _Terminate, step: int, every: int) -> bool:
 def _check_batch(batch, checks, step: int) -> None:
   for key, limits in checks.items():
     if key in batch:
-      check_labels(batch[key], key, limits, f"the training batch of step {step}")
+      preflight.check_labels(batch[key], key, limits, f"the training batch of step {step}")
 
 
 def _loop(config, trainer, state, start, iterator, evaluators, ckpt, writer, mesh,
