@@ -9,7 +9,6 @@ checked before training and at a resume is in `preflight.py`.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import signal
@@ -49,18 +48,14 @@ RUN_ERRORS = (ConfigError, NonFiniteLossError, StorageError)
 # ----------------------------------------------------------------------------
 
 def build_objective(config, seed: int, total_steps: int | None = None):
-  """The objective named by config.objective (it builds its own models).
-
-  Objectives with schedules of their own (a teacher's momentum) take
-  `total_steps`; the others don't see it.
-  """
+  """The objective named by config.objective (it builds its own models), told the
+  run's length (`Objective.total_steps`, for schedules of its own)."""
   kwargs = dict(config.objective)
   name = kwargs.pop("name")
-  extra = {}
-  if "total_steps" in inspect.signature(OBJECTIVES.get(name).__init__).parameters:
-    extra["total_steps"] = total_steps or resolve_steps(config, 1)
-  return OBJECTIVES.build(name, kwargs, field="config.objective", config=config,
-                          rngs=nnx.Rngs(seed), **extra)
+  objective = OBJECTIVES.build(name, kwargs, field="config.objective", config=config,
+                               rngs=nnx.Rngs(seed))
+  objective.total_steps = int(total_steps or resolve_steps(config, 1))
+  return objective
 
 
 def _split(objective):

@@ -4,6 +4,8 @@ import gzip
 import io
 import os
 import struct
+import subprocess
+import sys
 import tarfile
 import tempfile
 
@@ -15,6 +17,7 @@ from PIL import Image
 from big_vision_like import data
 from big_vision_like.data import transforms
 from big_vision_like.registry import ConfigError
+from tests import helpers
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -219,6 +222,21 @@ if __name__ == "__main__":
 
 
 class ArrayRecordTest(absltest.TestCase):
+
+  def test_the_converter_defines_no_flags_on_import_and_runs_as_a_command(self):
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    from big_vision_like.data import convert  # pylint: disable=g-import-not-at-top,unused-import
+    for name in ("source", "data_dir", "splits", "out"):
+      self.assertNotIn(name, flags.FLAGS)
+    with tempfile.TemporaryDirectory() as d:
+      proc = subprocess.run(
+          [sys.executable, "-m", "big_vision_like.data.convert", "--source=digits",
+           "--splits=test", f"--out={d}"], cwd=helpers.REPO, capture_output=True, text=True,
+          timeout=120)
+      self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+      self.assertIn("test: 360 records", proc.stdout)
+      self.assertLen(data.build_source(cfg(source="array_record", split="test", data_dir=d),
+                                       "c"), 360)
 
   def test_convert_image_folder_and_read_back(self):
     from big_vision_like.data import convert  # pylint: disable=g-import-not-at-top

@@ -10,36 +10,14 @@ lossless PNG, so the 'decode' transform reads every converted dataset.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
-import struct
 import sys
 
-import numpy as np
 from absl import app, flags
-from PIL import Image
 
 from big_vision_like.data.pipeline import build_source
-
-
-def encode_record(element: dict) -> bytes:
-  """[4-byte header length][JSON header: label][encoded image bytes]."""
-  image = element["image"]
-  if not isinstance(image, (bytes, np.bytes_)):
-    array = np.asarray(image)
-    buf = io.BytesIO()
-    Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1
-                    else array).save(buf, format="PNG")
-    image = buf.getvalue()
-  header = json.dumps({"label": int(element["label"])}).encode()
-  return struct.pack("<I", len(header)) + header + bytes(image)
-
-
-def decode_record(record: bytes) -> dict:
-  (length,) = struct.unpack("<I", record[:4])
-  header = json.loads(record[4:4 + length])
-  return {"image": record[4 + length:], "label": np.int32(header["label"])}
+from big_vision_like.data.records import encode_record
 
 
 def convert(source_name: str, data_dir: str | None, splits: list[str], out: str,
@@ -65,22 +43,27 @@ def convert(source_name: str, data_dir: str | None, splits: list[str], out: str,
   return info
 
 
-_SOURCE = flags.DEFINE_string("source", "image_folder", "Registered source to read.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "The source's data_dir.")
-_SPLITS = flags.DEFINE_list("splits", ["train", "test"], "Splits to convert.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
+def _define_flags():
+  """The command's flags, defined only when it runs (importing the library defines
+  none, so it can't clash with a program's own --source or --out)."""
+  flags.DEFINE_string("source", "image_folder", "Registered source to read.")
+  flags.DEFINE_string("data_dir", None, "The source's data_dir.")
+  flags.DEFINE_list("splits", ["train", "test"], "Splits to convert.")
+  flags.DEFINE_string("out", None, "Output directory.")
 
 
 def main(argv):
   del argv
   from big_vision_like.registry import ConfigError  # pylint: disable=g-import-not-at-top
-  if not _OUT.value:
+  f = flags.FLAGS
+  if not f.out:
     sys.exit("error: --out is required")
   try:
-    convert(_SOURCE.value, _DATA_DIR.value, _SPLITS.value, _OUT.value)
+    convert(f.source, f.data_dir, f.splits, f.out)
   except ConfigError as e:
     sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

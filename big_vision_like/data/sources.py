@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from big_vision_like.data import records
 from big_vision_like.registry import ConfigError, Registry
 
 SOURCES = Registry("data source", "config.input.source")
@@ -390,8 +391,7 @@ class ArrayRecordSource:
     return len(self._records)
 
   def __getitem__(self, i):
-    from big_vision_like.data.convert import decode_record  # pylint: disable=g-import-not-at-top
-    return {**decode_record(self._records[i]), PATH_KEY: f"{self.path} record {i}"}
+    return {**records.decode_record(self._records[i]), PATH_KEY: f"{self.path} record {i}"}
 
 
 @SOURCES.register("tfds")

@@ -21,6 +21,9 @@ TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("teacher")))
 class Objective(nnx.Module):
   """Subclasses build their models in __init__(config, ..., rngs) and define `loss`."""
   trainable = TRAINABLE
+  # The run's length, set by the trainer once the objective is built, for objectives
+  # with schedules of their own (a teacher's momentum); read it after __init__.
+  total_steps: int = 0
 
   def loss(self, batch: dict[str, jax.Array], *, rng: jax.Array,
            train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -113,7 +113,7 @@ class Distillation(Objective):
   name = "dino"
   masked_patches = False
 
-  def __init__(self, config: Any, *, total_steps: int, out_dim: int = 65536,
+  def __init__(self, config: Any, *, out_dim: int = 65536,
                hidden_dim: int = 2048, bottleneck_dim: int = 256, head_layers: int = 3,
                norm_last_layer: bool = True, student_temp: float = 0.1,
                teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
@@ -159,7 +159,6 @@ class Distillation(Objective):
     self.patch_center = nnx.BatchStat(jnp.zeros((1, 1, out_dim))) if self.masked_patches \
         else None
     self.step = nnx.BatchStat(jnp.zeros((), jnp.int32))
-    self.total_steps = total_steps
     self.student_temp, self.teacher_temp = student_temp, teacher_temp
     self.warmup_teacher_temp = warmup_teacher_temp
     self.warmup_teacher_temp_steps = warmup_teacher_temp_steps
