@@ -1,6 +1,8 @@
 """CLIP (softmax contrastive) on CIFAR-10 with class-name captions.
 
-  python -m main --config=configs/clip_cifar10.py --workdir=/tmp/clip_cifar10
+  python -m main --config=configs/clip_cifar10.py --workdir=/tmp/clip_cifar10 \
+      --config.input.data_dir=/path/to/cifar10_jpeg.tar.gz \
+      --config.evals.coco.data_dir=/path/to/coco_mini.tar
 
 Each training image is paired with a random prompt for its class ("a blurry
 photo of a cat."), tokenized by the file-free byte tokenizer; the towers are a
@@ -42,7 +44,7 @@ def get_config(arg: str | None = None, objective: str = "clip"):
       "zeroshot": {"name": "zeroshot", "split": "test", "batch_size": 500,
                    "transforms": eval_images},
       **common.representation_evals(eval_images, linear_probe=False),
-      "coco": {"name": "retrieval", "source": "coco_captions", "data_dir": common.COCO_DIR,
+      "coco": {"name": "retrieval", "source": "coco_captions", "data_dir": configuration.OPTIONAL_STR(),
                "split": "val", "batch_size": 79,
                "transforms": [{"name": "decode", "channels": 3},
                               {"name": "resize", "size": 32},

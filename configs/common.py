@@ -1,18 +1,16 @@
 """Data settings shared by several configs (what is read and how it is augmented).
 
 Configs import this as `from configs import common`; `python -m main` runs from
-the repository root, which is on the import path.
+the repository root, which is on the import path. No config holds a data path:
+pass `--config.input.data_dir=...` (a run without it stops with one line naming
+the field and the layout the source reads).
 """
 from big_vision_like import configuration
-
-CIFAR10_DIR = "../shared/data/cifar10_jpeg.tar.gz"
-PETS_DIR = "../shared/data/oxford_pets3.tar"
 
 
 def cifar10(config, *, batch_size: int):
   """CIFAR-10 image folder / tar: random crop (pad 4) + flip; test split for eval."""
   config.input.source = "image_folder"
-  config.input.data_dir = CIFAR10_DIR
   config.input.batch_size = batch_size
   config.input.transforms = [
       {"name": "decode", "channels": 3},
@@ -35,7 +33,6 @@ def pets_segmentation(size: int, *, batch_size: int = 32, epochs: float = 100.0)
   config.eval_every_steps = 200
   config.checkpoint_every_steps = 200
   config.input.source = "oxford_pets"
-  config.input.data_dir = PETS_DIR
   config.input.batch_size = batch_size
   config.input.transforms = [
       {"name": "decode", "channels": 3},
@@ -54,7 +51,6 @@ def pets_segmentation(size: int, *, batch_size: int = 32, epochs: float = 100.0)
   return config
 
 
-COCO_DIR = "../shared/data/coco_mini.tar"
 CIFAR10_EVAL_TRANSFORMS = [{"name": "decode", "channels": 3}, {"name": "normalize"}]
 
 

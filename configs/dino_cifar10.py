@@ -1,7 +1,9 @@
 """DINO (or iBOT) self-distillation of a ViT on CIFAR-10.
 
-  python -m main --config=configs/dino_cifar10.py --workdir=/tmp/dino_cifar10
-  python -m main --config=configs/dino_cifar10.py:ibot --workdir=/tmp/ibot_cifar10
+  python -m main --config=configs/dino_cifar10.py --workdir=/tmp/dino_cifar10 \
+      --config.input.data_dir=/path/to/cifar10_jpeg.tar.gz
+  python -m main --config=configs/dino_cifar10.py:ibot --workdir=/tmp/ibot_cifar10 \
+      --config.input.data_dir=/path/to/cifar10_jpeg.tar.gz
 
 Multi-crop: 2 global 32x32 crops (teacher and student) and 4 local 16x16
 crops (student only; the position embedding is resampled to their 4x4 grid),

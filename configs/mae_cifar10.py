@@ -1,7 +1,9 @@
 """MAE (masked autoencoder) pre-training of a ViT on CIFAR-10, or on Fashion-MNIST.
 
-  python -m main --config=configs/mae_cifar10.py --workdir=/tmp/mae_cifar10
-  python -m main --config=configs/mae_cifar10.py:fashion_mnist --workdir=/tmp/mae_fmnist
+  python -m main --config=configs/mae_cifar10.py --workdir=/tmp/mae_cifar10 \
+      --config.input.data_dir=/path/to/cifar10_jpeg.tar.gz
+  python -m main --config=configs/mae_cifar10.py:fashion_mnist --workdir=/tmp/mae_fmnist \
+      --config.input.data_dir=/path/to/fashion_mnist
 
 75% of the 64 patches (patch 4) are hidden; the encoder sees the other 16,
 a 2-block decoder predicts the hidden patches' per-patch normalised pixels.
@@ -32,7 +34,6 @@ def get_config(arg: str | None = None):
 
   if arg == "fashion_mnist":
     config.input.source = "idx"
-    config.input.data_dir = "../shared/data/fashion_mnist"
     config.input.transforms = [{"name": "random_crop", "size": 28, "padding": 2},
                                {"name": "normalize"}]
     config.model.update(patch_size=4, image_size=28, channels=1)

@@ -9,8 +9,6 @@ gives 49 tokens. `:smoke` runs a tiny model for a few steps.
 """
 from big_vision_like import configuration
 
-DEFAULT_DATA_DIR = "../shared/data/fashion_mnist"
-
 
 def get_config(arg: str | None = None):
   config = configuration.defaults()
@@ -20,7 +18,6 @@ def get_config(arg: str | None = None):
   config.checkpoint_every_steps = 1000
 
   config.input.source = "idx"
-  config.input.data_dir = DEFAULT_DATA_DIR
   config.input.batch_size = 128
   config.input.transforms = [
       {"name": "random_crop", "size": 28, "padding": 2, "pad_mode": "constant"},

@@ -5,11 +5,17 @@ import os
 from absl.testing import absltest, parameterized
 
 from big_vision_like import train
+from big_vision_like.registry import ConfigError
 from tests import helpers
 
 CONFIG_DIR = os.path.join(helpers.REPO, "configs")
 CONFIGS = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".py")
                  and "def get_config(" in open(os.path.join(CONFIG_DIR, f)).read())
+
+
+# The datasets of ../shared/data each source's configs read.
+SHARED_DATA = {"image_folder": "cifar10_jpeg.tar.gz", "oxford_pets": "oxford_pets3.tar",
+               "idx": "fashion_mnist", "coco_captions": "coco_mini.tar"}
 
 
 def load(name, arg):
@@ -29,12 +35,14 @@ class ConfigsTest(parameterized.TestCase):
   def test_smoke(self, name):
     module, config = load(name, "smoke")
     self.assertIn("python -m main --config=configs/" + name, module.__doc__)
-    data_dir = config.input.data_dir
-    if data_dir and not os.path.isabs(data_dir):
-      data_dir = os.path.normpath(os.path.join(helpers.REPO, data_dir))
-      if not os.path.exists(data_dir):
-        self.skipTest(f"{name} reads {data_dir}, which is absent on this machine")
-      config.input.data_dir = data_dir
+    # Configs hold no data paths: give each source that needs one this machine's copy.
+    for data in (config.input, *config.evals.values()):
+      source = data.get("source", config.input.source)
+      if source in SHARED_DATA and not data.get("data_dir"):
+        path = os.path.join(helpers.REPO, "..", "shared", "data", SHARED_DATA[source])
+        if not os.path.exists(path):
+          self.skipTest(f"{name} reads {os.path.abspath(path)}, absent on this machine")
+        data.data_dir = os.path.abspath(path)
     workdir = self.create_tempdir().full_path
     if config.input.source == "tfds":
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -45,6 +53,13 @@ class ConfigsTest(parameterized.TestCase):
     self.assertTrue(any(k.endswith(("/accuracy", "/mean_iou")) for k in final), final)
     records = helpers.read_metrics(workdir)
     self.assertEqual(max(r["step"] for r in records), config.total_steps)
+
+  def test_a_config_without_its_data_dir_is_one_line(self):
+    _, config = load("vit_cifar10.py", "smoke")
+    with self.assertRaisesRegex(ConfigError, r"^config.input.data_dir is not set: source "
+                                r"'image_folder' reads `<root>/<split>/<class>/<image>` .*; "
+                                r"pass --config.input.data_dir=PATH$"):
+      train.train_and_evaluate(config, self.create_tempdir().full_path)
 
   def test_default_reaches_95_percent(self):
     """The embedded default, unchanged, as README's first command runs it."""

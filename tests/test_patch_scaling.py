@@ -80,7 +80,8 @@ class PatchScalingTest(absltest.TestCase):
       self.skipTest(f"needs Fashion-MNIST at {os.path.abspath(FASHION_MNIST)} (absent)")
     out, report = self.create_tempdir().full_path, self.create_tempdir().full_path
     plan = run.plan(["fashion_mnist"], ["8", "4"], ["0", "1"], [])
-    run.run_all(plan, out, "smoke", [])
+    data = [f"config.input.data_dir={FASHION_MNIST}"]
+    run.run_all(plan, out, "smoke", data)
     table = run.report(out, plan, report)
     self.assertTrue(os.path.getsize(os.path.join(report, "patch_scaling.png")) > 1000)
     with open(os.path.join(report, "results.json")) as f:
@@ -94,7 +95,7 @@ class PatchScalingTest(absltest.TestCase):
     # Finished runs are not trained again.
     metrics_file = os.path.join(run.workdir(out, "fashion_mnist", 8, 0), "metrics.jsonl")
     before = os.path.getmtime(metrics_file)
-    run.run_all(plan, out, "smoke", [])
+    run.run_all(plan, out, "smoke", data)
     self.assertEqual(os.path.getmtime(metrics_file), before)
 
 

@@ -11,6 +11,7 @@ replaced by the next one in that order that decodes (training), or by padding
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import threading
 from typing import Any, Iterator
@@ -34,6 +35,11 @@ PIPELINE_FIELDS = ("source", "data_dir", "split", "batch_size", "transforms",
                    "tokenizer")
 
 
+def _needs_data_dir(factory) -> bool:
+  parameter = inspect.signature(factory).parameters.get("data_dir")
+  return parameter is not None and parameter.default is inspect.Parameter.empty
+
+
 def build_source(data: Any, field: str):
   """The source named by `data.source` for `data.split`, with a clear error for a bad path."""
   data = dict(data)
@@ -43,6 +49,10 @@ def build_source(data: Any, field: str):
                       f"valid names: {', '.join(SOURCES.names())}")
   factory = SOURCES.get(name)
   data_dir = data.get("data_dir")
+  if not data_dir and _needs_data_dir(factory):
+    layout = (factory.__doc__ or "").strip().splitlines()[0].rstrip(".")
+    raise ConfigError(f"{field}.data_dir is not set: source {name!r} reads {layout}; "
+                      f"pass --{field}.data_dir=PATH")
   if data_dir is not None:
     data_dir = os.path.expanduser(str(data_dir))
     if not os.path.exists(data_dir):

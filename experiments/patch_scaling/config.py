@@ -13,8 +13,6 @@ is the point of the study. `gpu` is the larger setting for an accelerator.
 from big_vision_like import configuration
 from configs import common
 
-FASHION_MNIST_DIR = "../shared/data/fashion_mnist"
-
 # Model, batch and length per setting; every point of a sweep uses one of them.
 SETTINGS = {
     # On a 2-core CPU: ~20 min per patch-1 run (~20 img/s), ~2 min at patch 2.
@@ -46,7 +44,6 @@ def get_config(arg: str | None = None):
     channels = 3
   elif dataset == "fashion_mnist":
     config.input.source = "idx"
-    config.input.data_dir = FASHION_MNIST_DIR
     config.input.batch_size = s["batch_size"]
     # pad 28 -> 32 (+2 of random shift for training); the test images are only padded.
     config.input.transforms = [
