@@ -41,7 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from big_vision_like.registry import ConfigError
+from big_vision_like.registry import ConfigError, first_line
 from big_vision_like.parallel import distributed
 from big_vision_like.workdir import StorageError, WriteError
 
@@ -89,16 +89,11 @@ def _not_the_files(e: BaseException) -> bool:
   return isinstance(e, OSError) and e.errno in _NOT_THE_FILES
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0][:300] if text else type(e).__name__
-
-
 def _write_reason(e: BaseException) -> str:
   """TensorStore's long write errors as 'path: reason'."""
   text = str(e)
   found = re.search(r'writing local file "([^"]+)".*?: ([^:\[\]]+?) \[os_error_code', text)
-  return f"{found.group(1)}: {found.group(2)}" if found else _first_line(e)
+  return f"{found.group(1)}: {found.group(2)}" if found else first_line(e)
 
 
 def _leaf_fingerprint(x: jax.Array) -> jax.Array:
@@ -244,9 +239,9 @@ class Checkpointer:
         if _not_the_files(e):
           data_iterator.set_state(fresh)
           raise CheckpointReadError(
-              f"cannot read checkpoint {self.path(step)}: {_first_line(e)}; nothing was "
+              f"cannot read checkpoint {self.path(step)}: {first_line(e)}; nothing was "
               f"moved: fix the cause and run the same command again") from None
-        failure = _first_line(e)
+        failure = first_line(e)
       # Every process must take the same checkpoint (each reads its own data position).
       if not distributed.any_process(failure is not None):
         return restored, step, meta.get("run", {})
@@ -263,7 +258,7 @@ class Checkpointer:
       return self._read_state(step, abstract_state, self._read_meta(step))
     except Exception as e:  # pylint: disable=broad-except
       raise ConfigError(f"checkpoint {self.path(step)} is corrupt or incomplete: "
-                        f"{_first_line(e)}") from None
+                        f"{first_line(e)}") from None
 
   def _read_state(self, step: int, abstract_state: Any, meta: dict) -> Any:
     restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -359,4 +354,4 @@ class Checkpointer:
     try:
       self._manager.close()
     except Exception as e:  # pylint: disable=broad-except
-      logging.error("closing the checkpoint manager: %s", _first_line(e))
+      logging.error("closing the checkpoint manager: %s", first_line(e))

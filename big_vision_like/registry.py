@@ -11,6 +11,13 @@ class ConfigError(ValueError):
   """A problem with the user's config or inputs, reported as one line."""
 
 
+def first_line(error: BaseException, limit: int = 300) -> str:
+  """An exception's message cut to its first line, for one-line reports of
+  libraries' multi-line errors (its type's name when it has no message)."""
+  text = str(error).strip()
+  return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
 class Registry(Generic[T]):
   """A dict from name to class or factory, with errors that list the choices."""
 

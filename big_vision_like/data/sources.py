@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from big_vision_like.data import records
-from big_vision_like.registry import ConfigError, Registry
+from big_vision_like.registry import ConfigError, Registry, first_line
 
 SOURCES = Registry("data source", "config.input.source")
 PATH_KEY = "_path"
@@ -413,10 +413,9 @@ class TfdsSource:
                                       download=False)
       info = tfds.builder(tfds_name, data_dir=data_dir).info
     except Exception as e:  # TFDS raises many types for a missing dataset
-      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise ConfigError(
           f"TFDS dataset {tfds_name!r} split {split!r} is not prepared in "
-          f"data_dir={data_dir!r}: {first_line}") from e
+          f"data_dir={data_dir!r}: {first_line(e)}") from e
     self.image_key, self.label_key, self.mask_key = image_key, label_key, mask_key
     self.num_classes = info.features[label_key].num_classes
     self._lut = None

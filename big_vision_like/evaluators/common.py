@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 
 from big_vision_like import data
 from big_vision_like.parallel import sharding
-from big_vision_like.registry import ConfigError
+from big_vision_like.registry import ConfigError, first_line
 
 # Elements of one [rows, keys] similarity block; bounds device memory (512 MiB in f32).
 SIMILARITY_BUDGET = 2 ** 27
@@ -175,12 +175,11 @@ def check_inputs(field: str, data_config, source, graphdef, state, apply: Callab
   try:
     jax.eval_shape(lambda st, x: apply(nnx.merge(graphdef, *st), x), state, spec)
   except Exception as e:  # pylint: disable=broad-except  (shape errors of any model)
-    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     shape = train_image_shape() if train_image_shape else None
     trained = f"; training images are {_hwc(shape)}" if shape else ""
     raise ConfigError(f"{field}: the model cannot take its images (split "
                       f"{data_config.get('split')!r}, {_hwc(images.shape[1:])} after "
-                      f"{field}.transforms{trained}): {reason}") from None
+                      f"{field}.transforms{trained}): {first_line(e, 200)}") from None
 
 
 class FrozenFeatures:
