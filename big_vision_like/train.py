@@ -10,7 +10,6 @@ checked before training and at a resume is in `preflight.py`.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from typing import Any
@@ -31,13 +30,17 @@ from big_vision_like.objectives import OBJECTIVES
 from big_vision_like.parallel import distributed
 from big_vision_like.parallel import mesh as mesh_lib
 from big_vision_like.parallel import sharding
-from big_vision_like.registry import ConfigError, check_kwargs
+from big_vision_like.registry import ConfigError, check_kwargs, first_line
+from big_vision_like import workdir as workdir_lib
 from big_vision_like.workdir import StorageError, WorkdirLock, WriteError
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss or gradients became NaN/inf; the run stops without saving them."""
 
+
+# An empty mesh: abstract builds under it attach no shardings.
+_NO_MESH = jax.sharding.AbstractMesh((), ())
 
 # What stops a run with a one-line message (main prints it, exit status 1).
 RUN_ERRORS = (ConfigError, NonFiniteLossError, StorageError)
@@ -52,10 +55,25 @@ def build_objective(config, seed: int, total_steps: int | None = None):
   run's length (`Objective.total_steps`, for schedules of its own)."""
   kwargs = dict(config.objective)
   name = kwargs.pop("name")
-  objective = OBJECTIVES.build(name, kwargs, field="config.objective", config=config,
+  view = _objective_view(config, getattr(OBJECTIVES.get(name), "reads", ()))
+  objective = OBJECTIVES.build(name, kwargs, field="config.objective", config=view,
                                rngs=nnx.Rngs(seed))
   objective.total_steps = int(total_steps or resolve_steps(config, 1))
   return objective
+
+
+def _objective_view(config, reads: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """config.model, config.objective and the fields the objective declares in
+  `Objective.reads`: all it may see of the config."""
+  view = {"model": config.model.to_dict(), "objective": config.objective.to_dict()}
+  for dotted in reads:
+    *sections, field = dotted.split(".")
+    source, target = config, view
+    for section in sections:
+      source, target = source[section], target.setdefault(section, {})
+    value = source[field]
+    target[field] = value.to_dict() if hasattr(value, "to_dict") else value
+  return ml_collections.ConfigDict(view)
 
 
 def _split(objective):
@@ -115,10 +133,10 @@ class Trainer:
       sharding.check_batch(config.input.batch_size // self.accum, mesh, self.rules,
                            "config.input.batch_size / config.optim.grad_accum_steps")
 
-    # Shape-first: build the objective abstractly, derive shardings from the
-    # logical axis names, then create the real state directly sharded.
-    self.flax_rules = sharding.flax_rules(mesh, self.rules)
-    with nnx.use_eager_sharding(False), nnx.logical_axis_rules(self.flax_rules):
+    # Shape-first: build the objective abstractly (no mesh: Flax resolves no
+    # axis names), derive shardings from the logical axis names with the config's
+    # rules, then create the real state directly sharded.
+    with jax.sharding.use_abstract_mesh(_NO_MESH), nnx.use_eager_sharding(False):
       abstract = nnx.eval_shape(
           lambda: build_objective(config, config.seed, self.total_steps))
     self.graphdef, abs_params, abs_other = _split(abstract)
@@ -151,7 +169,7 @@ class Trainer:
   # -- pure functions, jitted above -----------------------------------------
 
   def _init_state(self):
-    with nnx.use_eager_sharding(False), nnx.logical_axis_rules(self.flax_rules):
+    with nnx.use_eager_sharding(False):
       objective = build_objective(self.config, self.config.seed, self.total_steps)
     _, params, other = _split(objective)
     state = {
@@ -178,7 +196,7 @@ class Trainer:
     return loss, metrics, other, grads
 
   def _train_step(self, state, batch):
-    with sharding.axis_rules(self.rules):
+    with sharding.use_rules(self.rules):  # also when a test calls it outside `run`
       return self._train_step_inner(state, batch)
 
   def _train_step_inner(self, state, batch):
@@ -294,14 +312,19 @@ def _fmt_time(seconds: float) -> str:
 
 
 def _save_config(config, workdir: str) -> None:
+  """config.json, replaced whole: renamed over locally, one upload remotely."""
   if jax.process_index() == 0:
-    path = os.path.join(workdir, "config.json")
+    path = workdir_lib.path(workdir, "config.json")
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
     try:
-      with open(path + ".tmp", "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-      os.replace(path + ".tmp", path)
-    except OSError as e:
-      raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
+      if workdir_lib.is_remote(workdir):
+        path.write_text(text)
+      else:
+        path.with_name("config.json.tmp").write_text(text)
+        path.with_name("config.json.tmp").replace(path)
+    except Exception as e:  # pylint: disable=broad-except  # remote file systems: many types
+      reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+      raise WriteError(f"cannot write {path}: {reason}") from None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -342,7 +365,9 @@ def _run(config, workdir: str, term: _Terminate) -> dict[str, float]:
   if allocator_hint := cpu_allocator.hint(jax.devices()[0].platform):
     logging.warning(allocator_hint)
 
-  with jax.set_mesh(mesh):
+  # The config's sharding rules are in force for every trace of the run: the
+  # train step's, the evaluators' and the checks' before the first step.
+  with jax.set_mesh(mesh), sharding.use_rules(config.sharding_rules):
     train_source = data.build_source(config.input, "config.input")
     steps_per_epoch = max(1, len(train_source) // config.input.batch_size)
     trainer = Trainer(config, mesh, steps_per_epoch)
@@ -352,7 +377,7 @@ def _run(config, workdir: str, term: _Terminate) -> dict[str, float]:
       batch_checks.pop("label")  # all of them checked already
     preflight.evaluator_inputs(config, trainer, train_source, evaluators)
     iterator = data.train_iterator(config.input, train_source, config.seed)
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+    ckpt = checkpoint_lib.Checkpointer(str(workdir_lib.path(workdir, "checkpoints")),
                                        keep=config.keep_checkpoints,
                                        asynchronous=config.async_checkpoints)
     writer = None
@@ -387,9 +412,9 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, step: int | No
   with the EMA parameters if the run kept them. For notebooks and tools; reads only."""
   configuration.validate(config)
   mesh = mesh_lib.make_mesh(mesh_lib.config_axes(config))
-  directory = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
-      if os.path.isdir(directory) else []
+  directory = workdir_lib.path(workdir, "checkpoints")  # local or remote
+  steps = sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit()) \
+      if directory.is_dir() else []
   if not steps:
     raise ConfigError(f"no checkpoint in {directory}")
   step = steps[-1] if step is None else step

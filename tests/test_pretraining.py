@@ -247,6 +247,7 @@ class ObjectiveStateTest(absltest.TestCase):
 
   def test_swin_is_pretrained_with_mask_tokens(self):
     config = smoke_config("mae")
+    config.objective = dict(name="simmim", mask_ratio=0.75)
     config.model = dict(name="swin", num_classes=0, patch_size=2, embed_dim=16, depths=(1, 1),
                         num_heads=(2, 2), window_size=2, image_size=8, channels=1)
     objective = build(config)
@@ -268,6 +269,23 @@ class ObjectiveStateTest(absltest.TestCase):
     loss, _ = objective.loss({"image": images}, rng=jax.random.key(1), train=True)
     self.assertTrue(np.isfinite(float(loss)))
 
+  def test_simmim_on_a_vit_predicts_masked_patches_from_mask_tokens(self):
+    config = smoke_config("mae")
+    config.objective = dict(name="simmim", mask_ratio=0.5, mask_unit=2)
+    objective = build(config)
+    images = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+    pred, mask = objective.predict(images, jax.random.key(1))
+    n = int(np.prod(objective.grid))
+    self.assertEqual(pred.shape, (2, n, objective.patch ** 2))
+    self.assertAlmostEqual(float(mask.mean()), 0.5)
+    # The encoder saw mask tokens: the pixels under a masked patch change nothing.
+    patch = int(np.argmax(np.asarray(mask[0])))
+    r, c = divmod(patch, objective.grid[1])
+    p = objective.patch
+    changed = images.at[0, p * r:p * r + p, p * c:p * c + p].add(5.0)
+    np.testing.assert_allclose(pred, objective.predict(changed, jax.random.key(1))[0],
+                               atol=1e-5)
+
   def test_clip_temperature_is_learned_and_clipped(self):
     config = smoke_config("clip")
     objective = build(config)
@@ -286,7 +304,13 @@ class BadInputTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("mae_with_perceiver", "mae", {"model": dict(name="perceiver", num_classes=0)},
-       "objective 'mae' needs a patch-token backbone"),
+       "objective 'mae' needs a backbone that can encode a subset of its patch tokens; "
+       "config.model.name='perceiver' cannot"),
+      ("mae_with_swin", "mae", {"model": dict(name="swin", num_classes=0, patch_size=2,
+                                              embed_dim=16, depths=(1,), num_heads=(2,),
+                                              window_size=4, image_size=8, channels=1)},
+       r"config.model.name='swin' cannot \(backbones that can: vit\); objective 'simmim' "
+       r"needs only mask tokens"),
       ("siglip_without_text", "siglip", {"input.transforms": [{"name": "normalize"}]},
        "no 'tokenize' step"),
       ("dino_without_multi_crop", "dino", {"input.transforms": [{"name": "normalize"}]},
@@ -296,7 +320,14 @@ class BadInputTest(parameterized.TestCase):
       ("ibot_with_swin", "ibot", {"model": dict(name="swin", num_classes=0, patch_size=2,
                                                 embed_dim=16, depths=(1,), num_heads=(2,),
                                                 window_size=4, image_size=8, channels=1)},
-       "objective 'ibot' masks patch tokens"),
+       r"objective 'ibot' \(it masks patch tokens\) needs a backbone that can output one "
+       r"token per input patch; config.model.name='swin' cannot \(backbones that can: vit\)"),
+      ("dino_local_crops_with_swin", "dino", {"model": dict(
+          name="swin", num_classes=0, patch_size=2, embed_dim=16, depths=(1,), num_heads=(2,),
+          window_size=4, image_size=8, channels=1)},
+       r"objective 'dino' with local crops needs a backbone that can take images of another "
+       r"size.*config.model.name='swin' cannot \(backbones that can: perceiver, vit\); or "
+       r"set num_local=0"),
       ("siglip_with_accumulation", "siglip", {"optim.grad_accum_steps": 2},
        "grad_accum_steps=2 with objective 'siglip'"),
       ("dino_with_accumulation", "dino", {"optim.grad_accum_steps": 2},

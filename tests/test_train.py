@@ -45,8 +45,8 @@ class TrainInProcessTest(absltest.TestCase):
     objective, step = train.load_trained(config, workdir)
     self.assertEqual(step, 40)
     _, saved = helpers.restore_params(workdir, 40)
-    np.testing.assert_array_equal(objective.encoder.head.kernel[...],
-                                  saved["encoder"]["head"]["kernel"]["value"])
+    np.testing.assert_array_equal(objective.backbone.head.kernel[...],
+                                  saved["backbone"]["head"]["kernel"]["value"])
 
   def test_gradient_accumulation_equals_full_batch(self):
     """One step on 16 examples = 4 accumulated microbatches of 4 (no randomness)."""
@@ -195,7 +195,7 @@ class TrainSubprocessTest(absltest.TestCase):
     proc = helpers.run_main(workdir, "--config.total_steps=4", "--config.model.mlp_dim=48")
     self.assertEqual(proc.returncode, 1, proc.stderr[-3000:])
     self.assertRegex(proc.stderr, r"error: checkpoint .*checkpoints/2 does not match the config: "
-                     r"params/encoder/blocks/0/mlp/fc1/bias/value has shape \(32,\) there "
+                     r"params/backbone/blocks/0/mlp/fc1/bias/value has shape \(32,\) there "
                      r"but \(48,\) in the config")
     self.assertTrue(os.path.isdir(os.path.join(workdir, "checkpoints", "2")))  # untouched
 

@@ -370,7 +370,7 @@ def load_hf_clip(state_dict: dict[str, Any], hf_config: dict[str, Any]):
       "blocks": _clip_blocks(sd, v, vc["num_hidden_layers"]),
       "norm": _norm(sd, f"{v}.post_layernorm"),
   }
-  params = {"image_tower": image, "text_tower": text_params,
+  params = {"backbone": image, "text_tower": text_params,
             "image_proj": {"kernel": sd["visual_projection.weight"].T},
             "text_proj": {"kernel": sd["text_projection.weight"].T},
             "log_scale": sd["logit_scale"].reshape(())}
@@ -417,7 +417,7 @@ def load_hf_siglip(state_dict: dict[str, Any], hf_config: dict[str, Any]):
       "norm": _norm(sd, f"{v}.post_layernorm"),
       "map_head": map_head,
   }
-  params = {"image_tower": image, "text_tower": text_params,
+  params = {"backbone": image, "text_tower": text_params,
             "text_proj": _linear(sd, "text_model.head"),
             "log_t": sd["logit_scale"].reshape(()), "bias": sd["logit_bias"].reshape(())}
   return model, objective, params
@@ -505,4 +505,4 @@ def load_hf_mae(state_dict: dict[str, Any], hf_config: dict[str, Any]):
       "norm": _norm(sd, "decoder.decoder_norm"),
       "pred": _linear(sd, "decoder.decoder_pred"),
   }
-  return model, objective, {"encoder": encoder, "decoder": decoder}
+  return model, objective, {"backbone": encoder, "decoder": decoder}

@@ -46,14 +46,20 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def linear_dot(lhs, rhs, dimension_numbers, precision=None, **kwargs):
-  """`dot_general` for nnx.Linear: [..., in] x [in, out] through `_matmul` (1.12x
-  on the 32x32 ViT's CPU training step, benchmarks/train_throughput.py); any
-  other contraction, precision or output option goes to lax.dot_general."""
-  plain = (dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2
-           and precision is None and not any(v is not None for v in kwargs.values()))
-  if plain:
-    return _matmul(lhs, rhs)
-  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
+  """`dot_general` for nnx.Linear: `lax.dot_general`, except on CPU, where
+  [..., in] x [in, out] goes through `_matmul` (1.12x on the 32x32 ViT's CPU
+  training step, docs/cpu_speed.md). A GPU / TPU process traces the plain dot
+  only (nnx.Linear's own semantics, forward-mode autodiff included); a CPU
+  process lowering for another platform (`lowering_platforms=('cuda',)`) gets
+  the plain dot there through `lax.platform_dependent`."""
+  def plain(x, w):
+    return jax.lax.dot_general(x, w, dimension_numbers, precision=precision, **kwargs)
+
+  custom = (dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2
+            and precision is None and not any(v is not None for v in kwargs.values()))
+  if not custom or jax.default_backend() != "cpu":
+    return plain(lhs, rhs)
+  return jax.lax.platform_dependent(lhs, rhs, cpu=_matmul, default=plain)
 
 
 def dense(in_features: int, out_features: int, axes: Sequence[str | None], *,
@@ -89,27 +95,33 @@ def drop_path(x: jax.Array, rate: jax.Array | float, rng: jax.Array | None,
 
 
 class Attention(nnx.Module):
-  """Multi-head attention through the shared `ops` entry point.
+  """Multi-head attention projections around the shared `ops` entry point: the one
+  block ViT, Swin (windows, with a bias) and Perceiver (cross-attention) build on.
 
-  Queries and keys may come from different sequences (cross-attention).
+  Queries and keys may come from different sequences and widths (`kv_width`,
+  cross-attention) and attend in `qk_width` channels (Perceiver); the output is
+  projected back to `width`. Parameters: query, key, value, out.
   """
 
   def __init__(self, width: int, num_heads: int, *, kv_width: int | None = None,
+               qk_width: int | None = None, kv_axis: str = "embed",
                implementation: str = "auto", rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32):
-    if width % num_heads:
-      raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+    """`kv_axis`: the logical name of the key / value inputs' channels."""
     kv_width = kv_width or width
+    qk_width = qk_width or width
+    if qk_width % num_heads:
+      raise ValueError(f"attention width {qk_width} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
     self.implementation = implementation
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.query = dense(width, width, ("embed", "heads"), **kw)
-    self.key = dense(kv_width, width, ("embed", "heads"), **kw)
-    self.value = dense(kv_width, width, ("embed", "heads"), **kw)
-    self.out = dense(width, width, ("heads", "embed"), **kw)
+    self.query = dense(width, qk_width, ("embed", "heads"), **kw)
+    self.key = dense(kv_width, qk_width, (kv_axis, "heads"), **kw)
+    self.value = dense(kv_width, qk_width, (kv_axis, "heads"), **kw)
+    self.out = dense(qk_width, width, ("heads", "embed"), **kw)
 
-  def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
-               bias: jax.Array | None = None, mask: jax.Array | None = None):
+  def attend(self, x: jax.Array, kv: jax.Array | None = None, *,
+             bias: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
     kv = x if kv is None else kv
     # [..., seq, heads, head_dim], heads split over the tensor axis.
     split = lambda t: sharding.constrain(
@@ -120,6 +132,29 @@ class Attention(nnx.Module):
                                     implementation=self.implementation,
                                     shard_axes=sharding.kernel_axes())
     return self.out(out.reshape(out.shape[:-2] + (-1,)))
+
+  def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
+               bias: jax.Array | None = None, mask: jax.Array | None = None):
+    return self.attend(x, kv, bias=bias, mask=mask)
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+  """[B, H, W, C] -> [B, H/p, W/p, p*p*C], pixels of a patch (row, col, channel):
+  a stride-p convolution's input as a matmul's (cheap even at p = 1). The one
+  patchify of ViT, Swin, Perceiver and the masked-modelling targets."""
+  b, h, w, c = images.shape
+  if h % patch or w % patch:
+    raise ValueError(f"image size {h}x{w} is not divisible by the patch size {patch}")
+  x = images.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // patch, w // patch, patch * patch * c)
+
+
+def unpatchify(patches: jax.Array, patch: int) -> jax.Array:
+  """Inverse of `patchify`: [B, h, w, p*p*C] -> [B, h*p, w*p, C]."""
+  b, gh, gw, d = patches.shape
+  c = d // (patch * patch)
+  x = patches.reshape(b, gh, gw, patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * patch, gw * patch, c)
 
 
 def gelu(x: jax.Array) -> jax.Array:

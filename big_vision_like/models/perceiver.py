@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from big_vision_like import ops
 from big_vision_like.models import layers
 from big_vision_like.parallel import sharding
 from big_vision_like.registry import ConfigError
@@ -40,7 +39,7 @@ def fourier_features(positions: np.ndarray, num_bands: int,
                         -1).astype(np.float32)
 
 
-class PerceiverLayer(nnx.Module):
+class PerceiverLayer(layers.Attention):
   """(Cross-)attention with an optional query residual, then a residual MLP."""
 
   def __init__(self, q_dim: int, kv_dim: int | None, num_heads: int, *,
@@ -56,25 +55,18 @@ class PerceiverLayer(nnx.Module):
       raise ConfigError(f"Perceiver attention channels {qk} are not divisible by "
                         f"{num_heads} heads")
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.num_heads, self.query_residual, self.implementation = num_heads, query_residual, attention
+    super().__init__(q_dim, num_heads, kv_width=kv_dim, qk_width=qk, kv_axis=kv_axis,
+                     implementation=attention, **kw)
+    self.query_residual = query_residual
     self.norm_q = layers.layer_norm(q_dim, eps=ln_eps, **kw)
     self.norm_kv = layers.layer_norm(kv_dim, eps=ln_eps, axis=kv_axis, **kw) if cross else None
-    self.query = layers.dense(q_dim, qk, ("embed", "heads"), **kw)
-    self.key = layers.dense(kv_dim, qk, (kv_axis, "heads"), **kw)
-    self.value = layers.dense(kv_dim, qk, (kv_axis, "heads"), **kw)
-    self.out = layers.dense(qk, q_dim, ("heads", "embed"), **kw)
     self.norm_mlp = layers.layer_norm(q_dim, eps=ln_eps, **kw)
     self.mlp = layers.Mlp(q_dim, widening * q_dim, **kw)
 
   def __call__(self, x, inputs=None, mask=None):
     q_in = self.norm_q(x)
     kv_in = self.norm_kv(inputs) if self.norm_kv is not None else q_in
-    split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, -1))
-    out = ops.dot_product_attention(split(self.query(q_in)), split(self.key(kv_in)),
-                                    split(self.value(kv_in)), mask=mask,
-                                    implementation=self.implementation,
-                                    shard_axes=sharding.kernel_axes())
-    out = self.out(out.reshape(out.shape[:-2] + (-1,)))
+    out = self.attend(q_in, kv_in, mask=mask)
     if self.query_residual:
       out = out + x
     out = out + self.mlp(self.norm_mlp(out))
@@ -82,7 +74,12 @@ class PerceiverLayer(nnx.Module):
 
 
 class Perceiver(nnx.Module):
-  """Perceiver IO image encoder with a classification or dense decoder."""
+  """Perceiver IO image encoder with a classification or dense decoder.
+
+  A backbone (models/backbone.py) without patch tokens (it attends from latents);
+  with Fourier position encodings it takes any input size.
+  """
+  capabilities = frozenset({"any_image_size"})
 
   def __init__(self, *, num_classes: int = 0, image_size: int | tuple = 224,
                channels: int = 3, preprocessor: str = "pixels", patch_size: int = 1,
@@ -116,6 +113,8 @@ class Perceiver(nnx.Module):
     layer_kw = dict(ln_eps=ln_eps, attention=attention, **kw)
     p = patch_size if preprocessor == "patches" else 1
     self.grid = self._grid(self.image_size)
+    if posemb == "learn":  # learned encodings exist for one input grid only
+      self.capabilities = frozenset()
     self.max_resolution = tuple(max_resolution or self.grid)
     self.num_bands = num_bands
 
@@ -169,13 +168,10 @@ class Perceiver(nnx.Module):
 
   def _features(self, images):
     """[B, H, W, C] -> per-position features [B, h, w, F] (before position encoding)."""
-    b = images.shape[0]
-    gh, gw = self._grid(images.shape[1:3])
+    self._grid(images.shape[1:3])  # a clear error for an indivisible size
     x = images.astype(self.dtype)
     if self.preprocessor == "patches":
-      p = self.patch_size
-      x = x.reshape(b, gh, p, gw, p, self.channels).transpose(0, 1, 3, 2, 4, 5)
-      x = x.reshape(b, gh, gw, p * p * self.channels)
+      x = layers.patchify(x, self.patch_size)
     return self.prep(x) if self.prep is not None else x
 
   def _position_encoding(self, grid):

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from big_vision_like import ops
 from big_vision_like.models import layers
 from big_vision_like.parallel import sharding
 from big_vision_like.registry import ConfigError
@@ -70,24 +69,19 @@ def window_merge(windows, window: int, h: int, w: int):
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
 
 
-class WindowAttention(nnx.Module):
+class WindowAttention(layers.Attention):
   """Multi-head attention inside windows with a learned relative-position bias."""
 
   def __init__(self, width, num_heads, window, *, attention, rngs, dtype, param_dtype):
-    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.num_heads, self.window, self.implementation = num_heads, window, attention
-    self.query = layers.dense(width, width, ("embed", "heads"), **kw)
-    self.key = layers.dense(width, width, ("embed", "heads"), **kw)
-    self.value = layers.dense(width, width, ("embed", "heads"), **kw)
-    self.out = layers.dense(width, width, ("heads", "embed"), **kw)
+    super().__init__(width, num_heads, implementation=attention, rngs=rngs, dtype=dtype,
+                     param_dtype=param_dtype)
+    self.window = window
     self.bias_table = nnx.Param(
         nnx.initializers.truncated_normal(0.02)(rngs.params(), ((2 * window - 1) ** 2, num_heads),
                                                 param_dtype), out_sharding=(None, "heads"))
 
   def __call__(self, windows, mask=None):
     """windows [B*nW, N, C]; mask [nW, N, N] additive, or None."""
-    split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, -1))
-    q, k, v = split(self.query(windows)), split(self.key(windows)), split(self.value(windows))
     n = windows.shape[1]
     index = relative_position_index(self.window).reshape(-1)
     bias = self.bias_table[...][index].reshape(n, n, self.num_heads).transpose(2, 0, 1)[None]
@@ -95,10 +89,7 @@ class WindowAttention(nnx.Module):
       num_windows = mask.shape[0]
       bias = bias + jnp.asarray(mask)[:, None]
       bias = jnp.tile(bias, (windows.shape[0] // num_windows, 1, 1, 1))
-    out = ops.dot_product_attention(q, k, v, bias=bias.astype(jnp.float32),
-                                    implementation=self.implementation,
-                                    shard_axes=sharding.kernel_axes())
-    return self.out(out.reshape(out.shape[:-2] + (-1,)))
+    return self.attend(windows, bias=bias.astype(jnp.float32))
 
 
 class SwinBlock(nnx.Module):
@@ -151,7 +142,12 @@ class Stage(nnx.Module):
 
 
 class Swin(nnx.Module):
-  """Swin classifier/encoder. `num_classes=0` gives an encoder without a head."""
+  """Swin classifier/encoder. `num_classes=0` gives an encoder without a head.
+
+  A backbone (models/backbone.py) that takes mask tokens; built for one input
+  size, its tokens are those of the last stage (stride patch_size * 2^(stages-1)).
+  """
+  capabilities = frozenset({"mask_tokens"})
 
   def __init__(self, *, num_classes: int = 0, variant: str | None = None,
                patch_size: int = 4, window_size: int = 7, embed_dim: int | None = None,
@@ -178,7 +174,7 @@ class Swin(nnx.Module):
     self.drop_path, self.num_blocks = drop_path, sum(depths)
     param_dtype = jnp.dtype(param_dtype)
     kw = dict(rngs=rngs, dtype=self.dtype, param_dtype=param_dtype)
-    grid = self._grid(self.image_size)
+    grid = self.patch_grid = self._grid(self.image_size)
     self.patch_embed = layers.dense(patch_size ** 2 * channels, embed_dim, (None, "embed"),
                                     kernel_init=nnx.initializers.lecun_normal(), **kw)
     self.patch_norm = layers.layer_norm(embed_dim, eps=ln_eps, **kw)
@@ -202,7 +198,8 @@ class Swin(nnx.Module):
       if not last:
         grid, width = (grid[0] // 2, grid[1] // 2), width * 2
     self.stages = nnx.List(stages)
-    self.width = width
+    self.width, self.grid, self.embed_width = width, grid, embed_dim
+    self.token_stride = patch_size * 2 ** (len(depths) - 1)
     self.norm = layers.layer_norm(width, eps=ln_eps, **kw)
     self.head = (layers.dense(width, num_classes, ("embed", "classes"),
                               kernel_init=(nnx.initializers.zeros_init() if head_zero_init
@@ -230,10 +227,8 @@ class Swin(nnx.Module):
                         f"{images.shape[1]}x{images.shape[2]}")
     b = images.shape[0]
     gh, gw = self._grid(images.shape[1:3])
-    p = self.patch_size
-    x = images.astype(self.dtype).reshape(b, gh, p, gw, p, self.channels)
-    x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh, gw, p * p * self.channels)
-    x = self.patch_norm(self.patch_embed(x))
+    x = self.patch_norm(self.patch_embed(layers.patchify(images.astype(self.dtype),
+                                                         self.patch_size)))
     if token_mask is not None:
       x = jnp.where(token_mask.reshape(b, gh, gw, 1), mask_token.astype(x.dtype), x)
     drop = train and rng is not None and self.drop_path > 0

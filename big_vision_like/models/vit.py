@@ -86,7 +86,13 @@ class MAPHead(nnx.Module):
 
 
 class ViT(nnx.Module):
-  """ViT classifier/encoder. `num_classes=0` gives an encoder without a head."""
+  """ViT classifier/encoder. `num_classes=0` gives an encoder without a head.
+
+  A backbone (models/backbone.py) with every capability: mask tokens, dropped
+  tokens (`embed` + `encode_tokens`), one output token per patch, any input size.
+  """
+  capabilities = frozenset({"mask_tokens", "drop_tokens", "patch_tokens",
+                            "any_image_size"})
 
   def __init__(self, *, num_classes: int = 0, variant: str | None = None,
                patch_size: int | None = None, width: int | None = None,
@@ -117,7 +123,7 @@ class ViT(nnx.Module):
     self.patch_size = arch["patch_size"]
     self.width, self.depth = arch["width"], arch["depth"]
     self.image_size = (image_size,) * 2 if isinstance(image_size, int) else tuple(image_size)
-    self.grid = self._grid(self.image_size)
+    self.grid = self.patch_grid = self._grid(self.image_size)
     self.channels, self.pool, self.posemb = channels, pool, posemb
     self.num_classes, self.remat, self.scan = num_classes, remat, scan
     self.drop_path = drop_path
@@ -125,6 +131,8 @@ class ViT(nnx.Module):
     param_dtype = jnp.dtype(param_dtype)
     kw = dict(rngs=rngs, dtype=self.dtype, param_dtype=param_dtype)
     width = self.width
+    self.embed_width, self.token_stride = width, self.patch_size
+    self.num_prefix_tokens = 1 if pool == "cls" else 0
 
     # Patchify as reshape + matmul: identical to a stride-p conv, and cheap at p=1.
     self.embedding = layers.dense(self.patch_size ** 2 * channels, width,
@@ -178,11 +186,9 @@ class ViT(nnx.Module):
 
   def patchify(self, images: jax.Array) -> jax.Array:
     """[B, H, W, C] -> [B, H/p * W/p, p*p*C] in row-major patch order."""
-    b, h, w, c = images.shape
-    p = self.patch_size
-    gh, gw = self._grid((h, w))
-    x = images.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, gh * gw, p * p * c)
+    self._grid(images.shape[1:3])  # a clear error for an indivisible size
+    x = layers.patchify(images, self.patch_size)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
 
   def embed(self, images: jax.Array, token_mask: jax.Array | None = None,
             mask_token: jax.Array | None = None) -> tuple[jax.Array, tuple[int, int]]:
@@ -228,6 +234,12 @@ class ViT(nnx.Module):
       x = apply(block, x, rates[i], keys[i])
     return x
 
+  def encode_tokens(self, x: jax.Array, *, train: bool = False,
+                    rng: jax.Array | None = None) -> jax.Array:
+    """Any subset of `embed`'s tokens [B, K, D] -> the final-norm sequence
+    [B, num_prefix_tokens + K, D] (the 'drop_tokens' capability: MAE)."""
+    return self.norm(self.encode(self.add_cls(x), train=train, rng=rng))
+
   def add_cls(self, x: jax.Array) -> jax.Array:
     """Prepends the class token (if the model has one) and normalises (CLIP)."""
     if self.cls_token is not None:
@@ -241,7 +253,7 @@ class ViT(nnx.Module):
                rng: jax.Array | None = None, token_mask: jax.Array | None = None,
                mask_token: jax.Array | None = None):
     x, grid = self.embed(images, token_mask, mask_token)
-    x = self.norm(self.encode(self.add_cls(x), train=train, rng=rng))
+    x = self.encode_tokens(x, train=train, rng=rng)
     if self.pool == "cls":
       pre_logits, tokens = x[:, 0], x[:, 1:]
     elif self.pool == "gap":

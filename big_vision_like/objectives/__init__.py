@@ -2,7 +2,7 @@
 from big_vision_like.objectives.base import Objective
 from big_vision_like.objectives.contrastive import Clip, Siglip
 from big_vision_like.objectives.distillation import Distillation, IBot
-from big_vision_like.objectives.masked import MaskedImageModeling
+from big_vision_like.objectives.masked import Mae, SimMim
 from big_vision_like.objectives.segmentation import Segmentation
 from big_vision_like.objectives.supervised import Supervised
 from big_vision_like.registry import Registry
@@ -12,7 +12,8 @@ OBJECTIVES.register("supervised")(Supervised)
 OBJECTIVES.register("segmentation")(Segmentation)
 OBJECTIVES.register("clip")(Clip)
 OBJECTIVES.register("siglip")(Siglip)
-OBJECTIVES.register("mae")(MaskedImageModeling)
+OBJECTIVES.register("mae")(Mae)
+OBJECTIVES.register("simmim")(SimMim)
 OBJECTIVES.register("dino")(Distillation)
 OBJECTIVES.register("ibot")(IBot)
 

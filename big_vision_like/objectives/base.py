@@ -5,6 +5,15 @@ state (an EMA teacher, a centre, a learnable temperature). The trainer takes
 gradients with respect to the `nnx.Param`s that `trainable` selects and
 carries every other variable through the step; it never branches on which
 objective runs.
+
+Every objective has one image backbone (models/backbone.py), reachable the same
+way in all of them: `objective.backbone`, at `objective.backbone_path` in the
+objective's state and so in a checkpoint's (params and other state merged), so
+that transfer and export find it without knowing the objective.
+
+An objective is built as `Objective(config, **config.objective, rngs=...)` and
+may read only `config.model` and the sections it lists in `reads` (the trainer
+passes it nothing else), so what it depends on is part of its interface.
 """
 from __future__ import annotations
 
@@ -24,6 +33,11 @@ class Objective(nnx.Module):
   # The run's length, set by the trainer once the objective is built, for objectives
   # with schedules of their own (a teacher's momentum); read it after __init__.
   total_steps: int = 0
+  # Where `self.backbone` is in the objective's state (DINO: the teacher's).
+  backbone_path: tuple[str, ...] = ("backbone",)
+  # Config fields (dotted, e.g. 'input.transforms') besides config.model and
+  # config.objective that __init__ reads; the trainer passes it only these.
+  reads: tuple[str, ...] = ()
 
   def loss(self, batch: dict[str, jax.Array], *, rng: jax.Array,
            train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:

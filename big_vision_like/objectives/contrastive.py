@@ -70,6 +70,9 @@ def _needs_text(config: Any, objective: str) -> None:
 class TwoTower(Objective):
   """The image and text towers and their projections; subclasses define the loss."""
   name = "two_tower"
+  # The tokenizer sizes the text tower; the transforms must tokenize captions.
+  reads = ("input.tokenizer", "input.transforms", "input.batch_size",
+           "optim.grad_accum_steps")
 
   def __init__(self, config: Any, *, text: dict | None = None, embed_dim: int = 0,
                image_projection: bool = True, text_projection_bias: bool = False,
@@ -90,14 +93,14 @@ class TwoTower(Objective):
     if model.get("num_classes"):
       raise ConfigError(f"config.model.num_classes must be 0 for {self.name!r}: the image "
                         f"tower outputs features, not class logits")
-    self.image_tower = MODELS.build(model.pop("name"), model, field="config.model", rngs=rngs)
+    self.backbone = MODELS.build(model.pop("name"), model, field="config.model", rngs=rngs)
     tokenizer = build_tokenizer(config.input.tokenizer)
     text = dict(text or {})
     check_kwargs(TextTransformer, text, "config.objective.text", what="the text tower",
                  skip=("rngs", "vocab_size", "max_len"))
     self.text_tower = TextTransformer(vocab_size=tokenizer.vocab_size,
                                       max_len=tokenizer.max_len, rngs=rngs, **text)
-    image_width = self.image_tower.width
+    image_width = self.backbone.width
     embed_dim = embed_dim or image_width
     if not image_projection and embed_dim != image_width:
       raise ConfigError(f"config.objective.embed_dim={embed_dim} differs from the image "
@@ -108,7 +111,7 @@ class TwoTower(Objective):
                                   use_bias=text_projection_bias, rngs=rngs)
 
   def features(self, images, *, train=False, rng=None):
-    return self.image_tower(images, train=train, rng=rng)[1]["pre_logits"]
+    return self.backbone(images, train=train, rng=rng)[1]["pre_logits"]
 
   def embed_image(self, images, *, train=False, rng=None):
     x = self.features(images, train=train, rng=rng)

@@ -20,9 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from big_vision_like.models import MODELS, layers
-from big_vision_like.models.swin import Swin
-from big_vision_like.models.vit import ViT
+from big_vision_like.models import MODELS, backbone as backbone_lib, layers
 from big_vision_like.objectives.base import Objective, ema_update, no_accumulation as \
     _no_accumulation, normalize
 from big_vision_like.registry import ConfigError
@@ -112,6 +110,10 @@ class Distillation(Objective):
   """'dino' (CLS distillation) and 'ibot' (+ masked patch distillation)."""
   name = "dino"
   masked_patches = False
+  # The multi_crop transform says whether local crops come; no microbatches.
+  reads = ("input.transforms", "input.batch_size", "optim.grad_accum_steps")
+  # What DINO evaluates and transfers: the teacher's backbone.
+  backbone_path = ("teacher", "backbone")
 
   def __init__(self, config: Any, *, out_dim: int = 65536,
                hidden_dim: int = 2048, bottleneck_dim: int = 256, head_layers: int = 3,
@@ -138,13 +140,13 @@ class Distillation(Objective):
                         f"(the DINO head replaces the classifier)")
     _no_accumulation(config, self.name, "its centre and teacher statistics")
     backbone = MODELS.build(name, model, field="config.model", rngs=rngs)
-    if self.masked_patches and not isinstance(backbone, ViT):
-      raise ConfigError(f"objective 'ibot' masks patch tokens: it needs "
-                        f"config.model.name='vit', got {name!r}")
-    if isinstance(backbone, Swin) and crop[0].get("num_local", 6) > 0:
-      raise ConfigError(f"objective {self.name!r} with config.model.name='swin': Swin is "
-                        f"built for one input size, so local crops can't pass through it; "
-                        f"set num_local=0 in the multi_crop transform or use a ViT")
+    if self.masked_patches:
+      backbone_lib.require(backbone, "mask_tokens", "patch_tokens",
+                           by="objective 'ibot' (it masks patch tokens)", name=name)
+    if crop[0].get("num_local", 6) > 0:
+      backbone_lib.require(backbone, "any_image_size", name=name,
+                           by=f"objective {self.name!r} with local crops",
+                           hint="; or set num_local=0 in the multi_crop transform")
     head_kw = dict(hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
                    num_layers=head_layers, norm_last_layer=norm_last_layer, rngs=rngs)
     head = DinoHead(backbone.width, out_dim, **head_kw)
@@ -153,7 +155,7 @@ class Distillation(Objective):
       patch_head = DinoHead(backbone.width, out_dim, **head_kw)
     self.student = Student(backbone, head, patch_head)
     self.teacher = nnx.clone(self.student)
-    self.mask_token = (nnx.Param(jnp.zeros((backbone.width,))) if self.masked_patches
+    self.mask_token = (nnx.Param(jnp.zeros((backbone.embed_width,))) if self.masked_patches
                        else None)
     self.center = nnx.BatchStat(jnp.zeros((1, out_dim)))
     self.patch_center = nnx.BatchStat(jnp.zeros((1, 1, out_dim))) if self.masked_patches \
@@ -265,9 +267,13 @@ class Distillation(Objective):
     ema_update(self.teacher, self.student, momentum)
     self.step[...] = step + 1
 
+  @property
+  def backbone(self):
+    return self.teacher.backbone
+
   def features(self, images):
     """The teacher backbone's pooled (CLS) features: what DINO evaluates."""
-    return self.teacher.backbone(images)[1]["pre_logits"]
+    return self.backbone(images)[1]["pre_logits"]
 
 
 class IBot(Distillation):

@@ -1,11 +1,17 @@
-"""Masked image modelling: MAE for ViT, SimMIM-style mask tokens for Swin.
+"""Masked image modelling: MAE (dropped tokens) and SimMIM (mask tokens).
 
 MAE (He et al. 2022): a random 75% of the patches are dropped, the encoder
 sees only the visible ones, a light decoder fills in mask tokens and predicts
-the pixels; the loss counts masked patches only. A hierarchical encoder (Swin)
-can't drop tokens, so it gets a learned mask token in their place and a linear
-decoder from its last feature map (Xie et al. 2022). Targets may be
-per-patch normalised pixels (`norm_pix`).
+the pixels; the loss counts masked patches only. It needs a backbone that can
+encode a subset of its tokens ('drop_tokens': ViT).
+
+SimMIM (Xie et al. 2022): the encoder sees every patch, a learned mask token in
+place of the masked ones, and a linear decoder predicts the pixels from its
+output tokens; it needs only 'mask_tokens', so hierarchical encoders (Swin),
+which can't drop tokens, pre-train this way (ViT too).
+
+Both predict per-patch pixels (optionally normalised per patch, `norm_pix`) and
+share the loss, the reconstructions for viewing and the features for probes.
 """
 from __future__ import annotations
 
@@ -16,25 +22,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from big_vision_like.models import MODELS, layers
-from big_vision_like.models.swin import Swin
-from big_vision_like.models.vit import Block, ViT
+from big_vision_like.models import MODELS, backbone as backbone_lib, layers
+from big_vision_like.models.vit import Block
 from big_vision_like.objectives.base import Objective
 from big_vision_like.registry import ConfigError
 
 
 def patchify(images: jax.Array, patch: int) -> jax.Array:
   """[B, H, W, C] -> [B, N, p*p*C], patches row-major, pixels (row, col, channel)."""
-  b, h, w, c = images.shape
-  x = images.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+  x = layers.patchify(images, patch)
+  return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def unpatchify(patches: jax.Array, grid: tuple[int, int], patch: int) -> jax.Array:
-  b, _, d = patches.shape
-  c = d // (patch * patch)
-  x = patches.reshape(b, grid[0], grid[1], patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, grid[0] * patch, grid[1] * patch, c)
+  return layers.unpatchify(patches.reshape(patches.shape[0], *grid, -1), patch)
 
 
 def pixel_targets(images: jax.Array, patch: int, norm_pix: bool) -> jax.Array:
@@ -115,87 +116,32 @@ class MaeDecoder(nnx.Module):
     return self.pred(self.norm(x))[:, num_prefix:]
 
 
-class MaskedImageModeling(Objective):
-  """`mae`: ViT drops the masked patches; Swin sees mask tokens (SimMIM)."""
+class _MaskedModeling(Objective):
+  """What MAE and SimMIM share: the pixel loss, reconstructions and features.
+  Subclasses build `self.backbone` and define `predict`."""
 
-  def __init__(self, config: Any, *, mask_ratio: float = 0.75, norm_pix: bool = False,
-               decoder_width: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
-               decoder_posemb: str = "sincos2d", mask_unit: int = 0,
-               decoder_ln_eps: float = 1e-6, rngs: nnx.Rngs):
-    """`mask_unit` (Swin): masks come in blocks of that many tokens a side
-    (default: one block per token of the last stage). `decoder_ln_eps`: HF's
-    ViTMAE port uses 1e-12 where the original MAE uses 1e-6."""
+  def _build_backbone(self, config, needs: str, mask_ratio: float, norm_pix: bool, rngs):
     if not 0.0 < mask_ratio < 1.0:
       raise ConfigError(f"config.objective.mask_ratio={mask_ratio} must be in (0, 1)")
     model = dict(config.model)
     name = model.pop("name")
     if model.get("num_classes"):
-      raise ConfigError("config.model.num_classes must be 0 for 'mae': the encoder is "
-                        "pre-trained without a classifier")
-    self.encoder = MODELS.build(name, model, field="config.model", rngs=rngs)
-    if not isinstance(self.encoder, (ViT, Swin)):
-      raise ConfigError(f"objective 'mae' needs a patch-token backbone (vit or swin); "
-                        f"config.model.name={name!r} has no patch tokens to mask")
+      raise ConfigError(f"config.model.num_classes must be 0 for {self.name!r}: the "
+                        f"encoder is pre-trained without a classifier")
+    self.backbone = MODELS.build(name, model, field="config.model", rngs=rngs)
+    hint = "; objective 'simmim' needs only mask tokens" if needs == "drop_tokens" else ""
+    backbone_lib.require(self.backbone, needs, by=f"objective {self.name!r}", name=name,
+                         hint=hint)
     self.mask_ratio, self.norm_pix = mask_ratio, norm_pix
-    self.patch = self.encoder.patch_size
-    channels = self.encoder.channels
-    grid = self.encoder.grid if isinstance(self.encoder, ViT) else self.encoder._grid(
-        self.encoder.image_size)
-    self.grid = tuple(grid)
-    if isinstance(self.encoder, ViT):
-      self.decoder = MaeDecoder(
-          self.encoder.width, int(np.prod(grid)), grid, self.patch ** 2 * channels,
-          width=decoder_width, depth=decoder_depth, num_heads=decoder_heads,
-          posemb=decoder_posemb, ln_eps=decoder_ln_eps, rngs=rngs)
-      self.mask_token = None
-    else:
-      self.stride = self.patch * 2 ** (len(self.encoder.widths) - 1)
-      self.mask_unit = mask_unit or self.stride // self.patch
-      blocks = block_grid(self.grid, self.mask_unit)
-      if blocks[0] * blocks[1] < 4:
-        raise ConfigError(
-            f"objective 'mae' on Swin masks blocks of {self.mask_unit}x{self.mask_unit} "
-            f"tokens, but the {self.grid[0]}x{self.grid[1]} token grid holds only "
-            f"{blocks[0] * blocks[1]}; set a smaller config.objective.mask_unit")
-      self.mask_token = nnx.Param(jnp.zeros((self.encoder.widths[0],)))
-      self.decoder = layers.dense(self.encoder.width, self.stride ** 2 * channels,
-                                  ("embed", None), rngs=rngs)
-
-  # -- ViT: MAE -------------------------------------------------------------
-
-  def _mae(self, images, noise, *, train, rng):
-    encoder = self.encoder
-    x, _ = encoder.embed(images)
-    ids_keep, mask, ids_restore = random_masking(noise, self.mask_ratio)
-    x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
-    x = encoder.add_cls(x)
-    latent = encoder.norm(encoder.encode(x, train=train, rng=rng))
-    prefix = 1 if encoder.cls_token is not None else 0
-    pred = self.decoder(latent, ids_restore, prefix)
-    return pred, mask
-
-  # -- Swin: mask tokens ----------------------------------------------------
-
-  def _simmim(self, images, mask, *, train, rng):
-    _, out = self.encoder(images, train=train, rng=rng, token_mask=mask > 0,
-                          mask_token=self.mask_token[...])
-    feature = out["tokens"]  # [B, (H/stride)*(W/stride), C]
-    pixels = unpatchify(self.decoder(feature), (images.shape[1] // self.stride,
-                                                images.shape[2] // self.stride), self.stride)
-    return patchify(pixels, self.patch), mask
+    self.patch = self.backbone.patch_size
+    self.grid = tuple(self.backbone.patch_grid if needs == "mask_tokens"
+                      else self.backbone.grid)
 
   def predict(self, images: jax.Array, rng: jax.Array, *, train: bool = False,
               noise: jax.Array | None = None):
-    """(predicted patches [B, N, p*p*C], mask [B, N] with 1 = masked)."""
-    k_mask, k_model = jax.random.split(rng)
-    b = images.shape[0]
-    if self.mask_token is None:  # MAE
-      if noise is None:
-        noise = jax.random.uniform(k_mask, (b, int(np.prod(self.grid))))
-      return self._mae(images, noise, train=train, rng=k_model)
-    mask = (block_mask(k_mask, b, self.grid, self.mask_unit, self.mask_ratio)
-            if noise is None else random_masking(noise, self.mask_ratio)[1])
-    return self._simmim(images, mask, train=train, rng=k_model)
+    """(predicted patches [B, N, p*p*C], mask [B, N] with 1 = masked); `noise`
+    [B, N] picks the masked patches (the smallest are kept), for tests."""
+    raise NotImplementedError
 
   def loss(self, batch, *, rng, train):
     images = batch["image"]
@@ -221,7 +167,67 @@ class MaskedImageModeling(Objective):
 
   def features(self, images):
     """The encoder on the whole image (no masking): its pooled representation."""
-    return self.encoder(images)[1]["pre_logits"]
+    return self.backbone(images)[1]["pre_logits"]
+
+
+class Mae(_MaskedModeling):
+  """`mae`: the encoder sees the visible patches only; a decoder predicts the rest."""
+  name = "mae"
+
+  def __init__(self, config: Any, *, mask_ratio: float = 0.75, norm_pix: bool = False,
+               decoder_width: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
+               decoder_posemb: str = "sincos2d", decoder_ln_eps: float = 1e-6,
+               rngs: nnx.Rngs):
+    """`decoder_ln_eps`: HF's ViTMAE port uses 1e-12 where the original MAE uses 1e-6."""
+    self._build_backbone(config, "drop_tokens", mask_ratio, norm_pix, rngs)
+    self.decoder = MaeDecoder(
+        self.backbone.width, int(np.prod(self.grid)), self.grid,
+        self.patch ** 2 * self.backbone.channels, width=decoder_width, depth=decoder_depth,
+        num_heads=decoder_heads, posemb=decoder_posemb, ln_eps=decoder_ln_eps, rngs=rngs)
+
+  def predict(self, images, rng, *, train=False, noise=None):
+    k_mask, k_model = jax.random.split(rng)
+    if noise is None:
+      noise = jax.random.uniform(k_mask, (images.shape[0], int(np.prod(self.grid))))
+    x, _ = self.backbone.embed(images)
+    ids_keep, mask, ids_restore = random_masking(noise, self.mask_ratio)
+    x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
+    latent = self.backbone.encode_tokens(x, train=train, rng=k_model)
+    pred = self.decoder(latent, ids_restore, self.backbone.num_prefix_tokens)
+    return pred, mask
+
+
+class SimMim(_MaskedModeling):
+  """`simmim`: mask tokens in place of the masked patches, a linear pixel decoder."""
+  name = "simmim"
+
+  def __init__(self, config: Any, *, mask_ratio: float = 0.6, norm_pix: bool = False,
+               mask_unit: int = 0, rngs: nnx.Rngs):
+    """`mask_unit`: masks come in blocks of that many patches a side (default: one
+    block per output token, e.g. 8x8 patches for Swin-T's 32-pixel tokens)."""
+    self._build_backbone(config, "mask_tokens", mask_ratio, norm_pix, rngs)
+    self.stride = self.backbone.token_stride
+    self.mask_unit = mask_unit or max(1, self.stride // self.patch)
+    blocks = block_grid(self.grid, self.mask_unit)
+    if blocks[0] * blocks[1] < 4:
+      raise ConfigError(
+          f"objective 'simmim' masks blocks of {self.mask_unit}x{self.mask_unit} "
+          f"patches, but the {self.grid[0]}x{self.grid[1]} patch grid holds only "
+          f"{blocks[0] * blocks[1]}; set a smaller config.objective.mask_unit")
+    self.mask_token = nnx.Param(jnp.zeros((self.backbone.embed_width,)))
+    self.decoder = layers.dense(self.backbone.width, self.stride ** 2 * self.backbone.channels,
+                                ("embed", None), rngs=rngs)
+
+  def predict(self, images, rng, *, train=False, noise=None):
+    k_mask, k_model = jax.random.split(rng)
+    b = images.shape[0]
+    mask = (block_mask(k_mask, b, self.grid, self.mask_unit, self.mask_ratio)
+            if noise is None else random_masking(noise, self.mask_ratio)[1])
+    _, out = self.backbone(images, train=train, rng=k_model, token_mask=mask > 0,
+                           mask_token=self.mask_token[...])
+    tokens = out["tokens"][:, -int(np.prod(out["grid"])):]  # drop any class token
+    pixels = unpatchify(self.decoder(tokens), tuple(out["grid"]), self.stride)
+    return patchify(pixels, self.patch), mask
 
 
 def render(images: np.ndarray, reconstructions: np.ndarray, masks: np.ndarray,

@@ -58,7 +58,7 @@ class Supervised(Objective):
     if not model.get("num_classes"):
       raise ConfigError("config.model.num_classes must be set for the supervised objective")
     self.num_classes = model["num_classes"]
-    self.encoder = MODELS.build(model.pop("name"), model, field="config.model", rngs=rngs)
+    self.backbone = MODELS.build(model.pop("name"), model, field="config.model", rngs=rngs)
     self.label_smoothing, self.loss_kind = label_smoothing, loss
     self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
 
@@ -79,7 +79,7 @@ class Supervised(Objective):
     k_mix, k_model = jax.random.split(rng)
     if train and (self.mixup_alpha > 0 or self.cutmix_alpha > 0):
       images, targets = mix(images, targets, k_mix, self.mixup_alpha, self.cutmix_alpha)
-    logits, _ = self.encoder(images, train=train, rng=k_model)
+    logits, _ = self.backbone(images, train=train, rng=k_model)
     loss = self.cross_entropy(logits, targets).mean()
     accuracy = (logits.argmax(-1) == labels).mean()
     return loss, {"loss": loss, "accuracy": accuracy}
@@ -88,7 +88,7 @@ class Supervised(Objective):
     return {"label": (self.num_classes, (), "config.model.num_classes")}
 
   def classify(self, images):
-    return self.encoder(images, train=False)[0]
+    return self.backbone(images, train=False)[0]
 
   def features(self, images):
-    return self.encoder(images, train=False)[1]["pre_logits"]
+    return self.backbone(images, train=False)[1]["pre_logits"]

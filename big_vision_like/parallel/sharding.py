@@ -2,8 +2,15 @@
 
 Models name the axes of every parameter ('embed', 'mlp', 'heads', ...) and of
 activations at block boundaries ('batch', 'seq', 'act_embed'). One table of
-rules, data in the config, maps those names to mesh axes; a name without a
-rule, or whose mesh axis is absent, is replicated.
+rules, data in the config, maps those names to mesh axes; a rule whose mesh axis
+is absent (or of size 1) replicates, and a name no rule mentions is an error (a
+typo would otherwise replicate silently).
+
+The table is in force through one mechanism, `use_rules`: the trainer enters it
+for the whole run, so the train step, the evaluators and the checks before the
+run all trace under the config's rules. Parameters are built abstractly without
+a mesh (Flax resolves no names) and placed from their names by
+`state_shardings`, so Flax's own rule table is not used.
 """
 from __future__ import annotations
 
@@ -42,8 +49,8 @@ _current_rules: list[Sequence] = [DEFAULT_RULES]
 
 
 @contextlib.contextmanager
-def axis_rules(rules: Sequence):
-  """Sets the rules used by `constrain` while tracing a model."""
+def use_rules(rules: Sequence):
+  """Puts `rules` in force for everything traced inside (`constrain`, `kernel_axes`)."""
   _current_rules.append(tuple((str(k), v) for k, v in rules))
   try:
     yield
@@ -51,13 +58,26 @@ def axis_rules(rules: Sequence):
     _current_rules.pop()
 
 
+def current_rules() -> tuple:
+  return tuple(_current_rules[-1])
+
+
+def unknown_name(name: str, table: dict, what: str) -> ConfigError:
+  return ConfigError(
+      f"logical axis {name!r} of {what} has no rule in config.sharding_rules (it names "
+      f"{', '.join(map(repr, table))}); add ({name!r}, None) to replicate it or map it "
+      f"to a mesh axis")
+
+
 def logical_to_spec(names: Sequence[str | None], mesh: jax.sharding.Mesh | Any,
-                    rules: Sequence | None = None) -> P:
+                    rules: Sequence | None = None, what: str = "an activation") -> P:
   """PartitionSpec for logical axis `names` on `mesh`; each mesh axis used once."""
   table = dict(rules if rules is not None else _current_rules[-1])
   used: set[str] = set()
   spec = []
   for name in names:
+    if name is not None and name not in table:
+      raise unknown_name(name, table, what)
     target = table.get(name) if name is not None else None
     axes = (target,) if isinstance(target, str) else tuple(target or ())
     axes = tuple(a for a in axes
@@ -132,12 +152,12 @@ def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, rules=None):
     shape = variable.get_value().shape
     names = variable.get_metadata().get("out_sharding") or ()
     names = tuple(names) + (None,) * (len(shape) - len(names))
-    spec = logical_to_spec(names, mesh, rules)
+    where = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    spec = logical_to_spec(names, mesh, rules, what=f"parameter {where}")
     for dim, (size, axes) in enumerate(zip(shape, spec)):
       axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
       split = math.prod(mesh.shape[a] for a in axes)
       if size % split:
-        where = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         raise ConfigError(
             f"parameter {where} {tuple(shape)}: dimension {dim} (size {size}, logical "
             f"axis {names[dim]!r}) is not divisible by mesh axes {axes} of size {split}; "
@@ -173,17 +193,3 @@ def put_batch(batch: dict, mesh: jax.sharding.Mesh, rules=None) -> dict:
   """
   return {k: jax.make_array_from_process_local_data(
       batch_sharding(mesh, np.ndim(v), rules), v) for k, v in batch.items()}
-
-
-def flax_rules(mesh: jax.sharding.Mesh, rules=None) -> tuple:
-  """The rules resolved for `mesh`, in the form `nnx.logical_axis_rules` takes.
-
-  Flax consults them when it attaches shardings to abstract variables
-  (`nnx.eval_shape` under a mesh) or shards them eagerly.
-  """
-  table = rules if rules is not None else _current_rules[-1]
-  resolved = []
-  for name, _ in table:
-    spec = logical_to_spec((name,), mesh, table)
-    resolved.append((name, spec[0] if len(spec) else None))
-  return tuple(resolved)
