@@ -1,5 +1,6 @@
 """The ops attention entry point against a float64 numpy reference."""
 import functools
+from unittest import mock
 
 import numpy as np
 from absl.testing import absltest, parameterized
@@ -8,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from big_vision_like import ops
+from big_vision_like.ops import cpu_gemm
 from big_vision_like.ops.attention import IMPLEMENTATIONS, choose
 from big_vision_like.ops.chunked import chunked_attention
 from big_vision_like.ops.pallas_attention import pallas_attention
@@ -35,8 +37,10 @@ class AttentionTest(parameterized.TestCase):
              (2, 6, 10, 2, 16, False, True),    # key padding mask
              (1, 37, 53, 2, 64, True, True),    # odd lengths, several chunks
              (2, 40, 33, 2, 128, True, True)],  # head dim 128
-      implementation=["xla", "chunked"])  # pallas: test_pallas_kernels_forward_and_gradients
+      implementation=["xla", "openblas", "chunked"])  # pallas: test_pallas_kernels_forward_and_gradients
   def test_matches_float64_reference(self, shape, implementation):
+    if implementation == "openblas" and not cpu_gemm.available():
+      self.skipTest(f"no 'openblas' here: {cpu_gemm.unavailable_reason()}")
     b, lq, lk, h, d, with_bias, with_mask = shape
     rng = np.random.default_rng(0)
     q, k, v = (rng.normal(size=s).astype(np.float32)
@@ -171,17 +175,42 @@ class AttentionTest(parameterized.TestCase):
 
   def test_auto_equals_xla_for_short_sequences(self):
     x = jax.random.normal(jax.random.key(0), (2, 8, 2, 16))
-    np.testing.assert_array_equal(ops.dot_product_attention(x, x, x, implementation="auto"),
-                                  ops.dot_product_attention(x, x, x, implementation="xla"))
+    np.testing.assert_allclose(ops.dot_product_attention(x, x, x, implementation="auto"),
+                               ops.dot_product_attention(x, x, x, implementation="xla"),
+                               atol=1e-6, rtol=1e-6)
+
+  def test_xla_lowers_to_no_custom_call(self):
+    """The reference is plain XLA on every platform (here: CPU, where 'openblas'
+    is a custom call), forward and backward, bias and mask included."""
+    q = jnp.ones((2, 9, 2, 8))
+    bias, mask = jnp.zeros((2, 9, 9)), jnp.ones((2, 1, 1, 9), bool)
+
+    def lowered(implementation):
+      attend = lambda q, k: ops.dot_product_attention(q, k, k, bias=bias, mask=mask,
+                                                      implementation=implementation).sum()
+      return jax.jit(jax.value_and_grad(attend, argnums=(0, 1))).lower(q, q).as_text()
+
+    self.assertNotIn("custom_call", lowered("xla"))
+    if cpu_gemm.available():
+      self.assertEqual(lowered("openblas").count("custom_call @bvl_cpu_gemm"), 6)
 
   def test_unknown_or_unavailable_implementation(self):
     x = jnp.zeros((1, 4, 1, 8))
-    with self.assertRaisesRegex(ValueError, "'flash3' is unknown; valid: auto, chunked, cudnn, pallas, xla"):
+    with self.assertRaisesRegex(ValueError, "'flash3' is unknown; valid: auto, chunked, "
+                                "cudnn, openblas, pallas, xla"):
       ops.dot_product_attention(x, x, x, implementation="flash3")
     if jax.default_backend() == "cpu":
       with self.assertRaisesRegex(ValueError, "'cudnn' is not available on cpu; available "
-                                  "there: auto, xla, chunked, pallas"):
+                                  "there: auto, xla, openblas, chunked, pallas"):
         ops.dot_product_attention(x, x, x, implementation="cudnn")
+      # Whether this machine has the wheel installed must not matter.
+      with mock.patch.object(cpu_gemm, "unavailable_reason", return_value=(
+          "the scipy-openblas32 wheel is not installed (pip install 'big_vision_like[cpu]')")):
+        with self.assertRaisesRegex(ValueError, r"^attention implementation 'openblas' is "
+                                    r"unavailable here: the scipy-openblas32 wheel is not "
+                                    r"installed \(pip install 'big_vision_like\[cpu\]'\); "
+                                    r"'xla' is the same without OpenBLAS$"):
+          ops.dot_product_attention(x, x, x, implementation="openblas")
 
   @parameterized.named_parameters(
       ("heads", (1, 4, 2, 8), (1, 5, 3, 8), None, None, r"head counts disagree: q\(1, 4, 2, 8\) k\(1, 5, 3, 8\)"),
@@ -202,7 +231,13 @@ class AttentionTest(parameterized.TestCase):
                                 bias=bias, mask=mask)
 
   def test_auto_choice_per_platform_and_length(self):
-    self.assertEqual(choose("cpu", 197, 197), "xla")
+    with mock.patch.object(cpu_gemm, "usable", return_value=True):
+      self.assertEqual(choose("cpu", 197, 197), "openblas")
+      self.assertEqual(choose("gpu", 197, 197), "xla")
+      self.assertEqual(choose("tpu", 197, 197), "xla")
+      self.assertEqual(choose("cpu", 1024, 1024), "chunked")
+    with mock.patch.object(cpu_gemm, "usable", return_value=False):
+      self.assertEqual(choose("cpu", 197, 197), "xla")
     self.assertEqual(choose("gpu", 197, 197), "xla")
     self.assertEqual(choose("cpu", 1024, 1024), "chunked")
     self.assertEqual(choose("gpu", 1024, 1024), "xla")
@@ -210,10 +245,6 @@ class AttentionTest(parameterized.TestCase):
     self.assertEqual(choose("tpu", 50176, 50176), "chunked")
     self.assertEqual(choose("gpu", 4096, 4096), "pallas")
     self.assertEqual(choose("gpu", 256, 50176), "pallas")  # Perceiver cross-attention
-
-
-if __name__ == "__main__":
-  absltest.main()
 
 
 class EveryModelEveryImplementationTest(parameterized.TestCase):
@@ -233,10 +264,16 @@ class EveryModelEveryImplementationTest(parameterized.TestCase):
     }[name]
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
     outputs = {}
-    for implementation in ("xla", "chunked", "pallas"):
+    implementations = ("xla", "openblas", "chunked", "pallas") if cpu_gemm.available() else (
+        "xla", "chunked", "pallas")
+    for implementation in implementations:
       with nnx.use_eager_sharding(False):
         model = MODELS.build(name, dict(kwargs, attention=implementation), rngs=nnx.Rngs(0))
       outputs[implementation] = model(x)[0]
-    for implementation in ("chunked", "pallas"):
+    for implementation in implementations[1:]:
       np.testing.assert_allclose(outputs["xla"], outputs[implementation], atol=1e-5,
                                  rtol=1e-5, err_msg=implementation)
+
+
+if __name__ == "__main__":
+  absltest.main()

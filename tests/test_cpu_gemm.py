@@ -1,7 +1,10 @@
 """ops.cpu_gemm: OpenBLAS products in place of XLA's dots on CPU, values and
-gradients against jnp.einsum at float64, and the fall-backs."""
+gradients against jnp.einsum at float64, and the fall-backs. Needs the `cpu`
+extra (scipy-openblas32) and a C++ compiler; without them the tests of the
+products skip, saying which is missing."""
 import os
 import pathlib
+import sys
 from unittest import mock
 
 import jax
@@ -10,6 +13,14 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from big_vision_like.ops import cpu_gemm
+
+
+def _import_or_skip(name):
+  """The module, or the test skips saying it is not installed (the `cpu` extra)."""
+  try:
+    return __import__(name)
+  except ImportError:
+    raise absltest.SkipTest(f"{name} is not installed (pip install 'big_vision_like[cpu]')")
 
 # spec, x shape, y shape: the products the models run (dense layers, attention
 # over [B, L, H, D] heads and their gradients) and edge cases of the strides.
@@ -33,16 +44,21 @@ def _inputs(x_shape, y_shape):
           rng.standard_normal(y_shape).astype(np.float32))
 
 
-def _custom_calls(fn, *args) -> int:
-  return jax.jit(fn).lower(*args).as_text().count(cpu_gemm._TARGET)
+def _custom_calls(fn, *args, platform="cpu") -> int:
+  lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
+  return lowered.as_text().count(cpu_gemm._TARGET)
+
+
+def _skip_unless_available(test):
+  if not cpu_gemm.available():
+    test.skipTest(f"ops.cpu_gemm cannot run here: {cpu_gemm.unavailable_reason()}")
 
 
 class CpuGemmTest(parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
-    if not cpu_gemm.available():
-      self.skipTest("ops.cpu_gemm cannot be built here (see the logged reason)")
+    _skip_unless_available(self)
 
   @parameterized.named_parameters(*CASES)
   def test_values_and_gradients_match_float64(self, spec, x_shape, y_shape):
@@ -80,6 +96,13 @@ class CpuGemmTest(parameterized.TestCase):
       self.assertEqual(_custom_calls(lambda a, b: cpu_gemm.einsum("mk,kn->mn", a, b), x, y), 0)
     self.assertEqual(_custom_calls(lambda a, b: cpu_gemm.einsum("mk,kn->mn", a, b), x, y), 1)
 
+  def test_lowered_for_another_platform_it_is_jnp_einsum(self):
+    x, y = _inputs((4, 6), (6, 5))
+    grad = jax.grad(lambda a, b: cpu_gemm.einsum("mk,kn->mn", a, b).sum(), argnums=(0, 1))
+    self.assertEqual(_custom_calls(grad, x, y), 2)
+    for platform in ("cuda", "tpu"):
+      self.assertEqual(_custom_calls(grad, x, y, platform=platform), 0, platform)
+
   def test_vmap(self):
     x, y = _inputs((3, 4, 6), (6, 5))
     out = jax.vmap(lambda a: cpu_gemm.einsum("mk,kn->mn", a, y))(x)
@@ -106,13 +129,12 @@ class CpuGemmTest(parameterized.TestCase):
 
 
 class AttentionUsesItTest(absltest.TestCase):
-  """The models' attention (ops.dot_product_attention, 'xla' / 'auto' on short
+  """The models' attention ('openblas', which 'auto' picks on CPU for short
   sequences) runs its two products through OpenBLAS in float32 on one CPU device,
   bias and mask included, and through XLA in bfloat16."""
 
   def test_attention_products_go_through_openblas(self):
-    if not cpu_gemm.available():
-      self.skipTest("ops.cpu_gemm cannot be built here")
+    _skip_unless_available(self)
     from big_vision_like import ops
     q, k = _inputs((2, 9, 2, 8), (2, 9, 2, 8))
     bias = np.zeros((2, 9, 9), np.float32)
@@ -127,7 +149,7 @@ class AttentionUsesItTest(absltest.TestCase):
 class BuildTest(absltest.TestCase):
 
   def test_a_failed_build_says_why_and_einsum_still_works(self):
-    import scipy_openblas32
+    scipy_openblas32 = _import_or_skip("scipy_openblas32")
     with mock.patch.dict(os.environ, {"CXX": "false", "BVL_CACHE_DIR": self.create_tempdir().full_path}):
       with self.assertRaisesRegex(cpu_gemm.Unavailable, "compiling cpu_gemm.cc failed"):
         cpu_gemm._compile(scipy_openblas32)
@@ -135,30 +157,43 @@ class BuildTest(absltest.TestCase):
       x, y = _inputs((4, 6), (6, 5))
       self.assertEqual(_custom_calls(lambda a, b: cpu_gemm.einsum("mk,kn->mn", a, b), x, y), 0)
 
-  def test_an_unusable_cache_directory_is_a_warning_not_a_crash(self):
-    blocker = self.create_tempfile()  # a file where the cache directory should be
-    cpu_gemm.available.cache_clear()
+  def tearDown(self):
+    cpu_gemm.unavailable_reason.cache_clear()
     cpu_gemm._register.cache_clear()
-    try:
-      with mock.patch.dict(os.environ, {"BVL_CACHE_DIR": os.path.join(blocker.full_path, "x")}), \
-          self.assertLogs(level="WARNING") as logs:
-        self.assertFalse(cpu_gemm.available())
-      self.assertIn("OpenBLAS CPU matmuls unavailable", logs.output[0])
-    finally:
-      cpu_gemm.available.cache_clear()
-      cpu_gemm._register.cache_clear()
+    super().tearDown()
+
+  def test_an_unusable_cache_directory_is_a_warning_not_a_crash(self):
+    scipy_openblas32 = _import_or_skip("scipy_openblas32")
+    del scipy_openblas32
+    blocker = self.create_tempfile()  # a file where the cache directory should be
+    cpu_gemm.unavailable_reason.cache_clear()
+    cpu_gemm._register.cache_clear()
+    with mock.patch.dict(os.environ, {"BVL_CACHE_DIR": os.path.join(blocker.full_path, "x")}), \
+        self.assertLogs(level="WARNING") as logs:
+      self.assertFalse(cpu_gemm.available())
+    self.assertIn("OpenBLAS CPU matmuls unavailable", logs.output[0])
+
+  def test_without_the_wheel_it_is_one_line_naming_the_extra(self):
+    cpu_gemm.unavailable_reason.cache_clear()
+    cpu_gemm._register.cache_clear()
+    with mock.patch.dict(sys.modules, {"scipy_openblas32": None}), \
+        self.assertLogs(level="WARNING") as logs:
+      self.assertFalse(cpu_gemm.available())
+    self.assertEqual(cpu_gemm.unavailable_reason(), "the scipy-openblas32 wheel is not "
+                     "installed (pip install 'big_vision_like[cpu]')")
+    self.assertLen(logs.output, 1)
+    self.assertNotIn("\n", logs.output[0])
+    x, y = _inputs((4, 6), (6, 5))
+    np.testing.assert_allclose(cpu_gemm.einsum("mk,kn->mn", x, y), x @ y, rtol=1e-5)
 
   def test_switched_off_by_environment(self):
-    cpu_gemm.available.cache_clear()
-    try:
-      with mock.patch.dict(os.environ, {"BVL_CPU_GEMM": "0"}):
-        self.assertFalse(cpu_gemm.available())
-    finally:
-      cpu_gemm.available.cache_clear()
+    cpu_gemm.unavailable_reason.cache_clear()
+    with mock.patch.dict(os.environ, {"BVL_CPU_GEMM": "0"}):
+      self.assertFalse(cpu_gemm.available())
+      self.assertIn("BVL_CPU_GEMM=0", cpu_gemm.unavailable_reason())
 
   def test_build_is_cached_per_source(self):
-    if not cpu_gemm.available():
-      self.skipTest("ops.cpu_gemm cannot be built here")
+    _skip_unless_available(self)
     import scipy_openblas32
     library = cpu_gemm._compile(scipy_openblas32)
     self.assertTrue(library.exists())

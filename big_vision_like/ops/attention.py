@@ -7,11 +7,14 @@ position bias and shift mask); `mask` is boolean, True where attention is
 allowed, and broadcasts the same way (key padding).
 
 Implementations are chosen by name so that models and configs can switch
-kernels without touching model code: 'xla' (reference, materialises the
-logits), 'chunked' (O(sequence) memory, any platform), 'pallas' (the project's
-flash kernels, forward and backward: GPU via Triton, or CPU in interpret mode),
-'cudnn' (GPU) and 'auto' (see `choose`). Softmax statistics are kept in float32
-whatever the input dtype.
+kernels without touching model code: 'xla' (the reference the others are tested
+against: plain XLA on every platform, materialises the logits), 'openblas' (CPU:
+the reference with its two products through OpenBLAS, ops/cpu_gemm.py, in
+float32 on one device, XLA's dots otherwise; needs the `cpu` extra), 'chunked'
+(O(sequence) memory, any platform), 'pallas' (the project's flash kernels,
+forward and backward: GPU via Triton, or CPU in interpret mode), 'cudnn' (GPU)
+and 'auto' (see `choose`). Softmax statistics are kept in float32 whatever the
+input dtype.
 
 Under a mesh, a kernel XLA cannot partition (pallas, cudnn) runs per shard
 inside `jax.shard_map` when the caller passes the mesh axes of its batch and
@@ -32,16 +35,22 @@ from big_vision_like.ops.chunked import as_4d, chunked_attention
 from big_vision_like.ops.pallas_attention import pallas_attention
 
 
-def _xla_attention(q, k, v, bias, mask, scale):
-  """Reference: materialises the [B, H, Lq, Lk] logits, float32 softmax."""
-  logits = cpu_gemm.einsum("bqhd,bkhd->bhqk", q, k,
-                           preferred_element_type=jnp.float32) * scale
-  if bias is not None:
-    logits = logits + bias.astype(jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return cpu_gemm.einsum("bhqk,bkhd->bqhd", weights, v)
+def _materialised(einsum):
+  """Attention that materialises the [B, H, Lq, Lk] logits, float32 softmax, with
+  its two products by `einsum`."""
+  def attention(q, k, v, bias, mask, scale):
+    logits = einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+      logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return einsum("bhqk,bkhd->bqhd", weights, v)
+  return attention
+
+
+_xla_attention = _materialised(jnp.einsum)  # the reference
+_openblas_attention = _materialised(cpu_gemm.einsum)
 
 
 def _cudnn_attention(q, k, v, bias, mask, scale):
@@ -52,13 +61,14 @@ def _cudnn_attention(q, k, v, bias, mask, scale):
 
 IMPLEMENTATIONS: dict[str, Callable] = {
     "xla": _xla_attention,
+    "openblas": _openblas_attention,
     "chunked": chunked_attention,
     "cudnn": _cudnn_attention,
     "pallas": pallas_attention,
 }
 # 'pallas' is compiled (Triton) on GPU and interpreted on CPU, slowly: for tests.
-PLATFORMS = {"xla": ("cpu", "gpu", "tpu"), "chunked": ("cpu", "gpu", "tpu"),
-             "cudnn": ("gpu",), "pallas": ("gpu", "cpu")}
+PLATFORMS = {"xla": ("cpu", "gpu", "tpu"), "openblas": ("cpu",),
+             "chunked": ("cpu", "gpu", "tpu"), "cudnn": ("gpu",), "pallas": ("gpu", "cpu")}
 # Kernels XLA cannot partition: run per shard under a mesh.
 PER_SHARD = ("pallas", "cudnn")
 # From this many logits per (batch, head), 'auto' avoids materialising them. On
@@ -69,11 +79,12 @@ CHUNK_FROM_DEFAULT = 2048 * 2048
 
 
 def choose(platform: str, q_len: int, k_len: int) -> str:
-  """What 'auto' runs: the XLA reference while the logits are small, then the
-  fused kernel on GPU and the chunked XLA attention elsewhere (the Pallas
+  """What 'auto' runs: while the logits are small the XLA reference, or on CPU its
+  OpenBLAS form where that can be built (ViT-Ti/16 step 1.31x, docs/cpu_speed.md);
+  then the fused kernel on GPU and the chunked XLA attention elsewhere (the Pallas
   kernels are Triton kernels; TPU gets the chunked path)."""
   if q_len * k_len < CHUNK_FROM.get(platform, CHUNK_FROM_DEFAULT):
-    return "xla"
+    return "openblas" if platform == "cpu" and cpu_gemm.usable() else "xla"
   return "pallas" if platform == "gpu" else "chunked"
 
 
@@ -89,6 +100,9 @@ def _resolve(implementation: str, q, k) -> str:
     available = [n for n, p in PLATFORMS.items() if platform in p]
     raise ValueError(f"attention implementation {implementation!r} is not available on "
                      f"{platform}; available there: {', '.join(['auto', *available])}")
+  if implementation == "openblas" and (reason := cpu_gemm.unavailable_reason()):
+    raise ValueError(f"attention implementation 'openblas' is unavailable here: {reason}; "
+                     f"'xla' is the same without OpenBLAS")
   return implementation
 
 

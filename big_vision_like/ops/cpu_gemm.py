@@ -2,19 +2,24 @@
 
 XLA's CPU dots run attention's small batched products (ViT-Ti/16: 96 items of
 197 x 64 x 197) at 25-90 GFLOP/s; OpenBLAS reaches 95-190 and PyTorch 117-188 on
-the same machine (`python -m benchmarks.cpu_gemm`). `einsum` sends a two-operand
+the same machine (docs/cpu_investigations.md). `einsum` sends a two-operand
 float32 contraction to `cpu_gemm.cc`, an XLA FFI custom call that runs OpenBLAS
 sgemm on XLA's own threads, reading operands in place through strides (attention's
 [B, L, H, D] heads need no transpose). Gradients are products of the same kind.
-ops/attention.py uses it; the dense layers do not (inside the training step they
-were slower through it: a custom call ends XLA's fusions around the dot).
+The 'openblas' attention of ops/attention.py uses it; the dense layers do not
+(inside the training step they were slower through it: a custom call ends XLA's
+fusions around the dot).
 
-The custom call is compiled with the system C++ compiler on first use, against
-jaxlib's FFI headers and the `scipy-openblas32` wheel, and cached under
-~/.cache/big_vision_like (or $BVL_CACHE_DIR). Where that is impossible (no
-compiler, no wheel) or pointless (not CPU, not float32, a multi-device mesh: XLA
-cannot partition a custom call), `einsum` is `jnp.einsum`; BVL_CPU_GEMM=0 turns it
-off. `enabled()` says which one a trace gets.
+CPU only, and optional. The custom call is compiled with the system C++ compiler
+on first use, against jaxlib's FFI headers and the `scipy-openblas32` wheel (the
+`cpu` extra: pip install 'big_vision_like[cpu]'), and cached under
+~/.cache/big_vision_like (or $BVL_CACHE_DIR). Nothing is built or imported unless
+the process's default backend is CPU. Where the custom call is impossible (no
+wheel, no compiler: `unavailable_reason` says which, logged once) or pointless
+(not float32, a multi-device mesh: XLA cannot partition a custom call), `einsum`
+is `jnp.einsum`; BVL_CPU_GEMM=0 turns it off. `enabled()` says which one a trace
+gets, and a trace lowered for another platform (`lowering_platforms=('cuda',)`)
+gets `jnp.einsum` there (`jax.lax.platform_dependent`).
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ import numpy as np
 _SOURCE = pathlib.Path(__file__).with_name("cpu_gemm.cc")
 _TARGET = "bvl_cpu_gemm"
 _FIELDS = 16  # the geometry array of cpu_gemm.cc
+EXTRA = "pip install 'big_vision_like[cpu]'"  # what brings scipy-openblas32
 
 
 class Unavailable(RuntimeError):
@@ -77,7 +83,7 @@ def _register() -> None:
   try:
     import scipy_openblas32 as openblas
   except ImportError as e:
-    raise Unavailable("the scipy-openblas32 wheel is not installed") from e
+    raise Unavailable(f"the scipy-openblas32 wheel is not installed ({EXTRA})") from e
   library = ctypes.CDLL(str(_compile(openblas)))
   library.BvlCpuGemmInit()
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.BvlCpuGemm),
@@ -85,15 +91,21 @@ def _register() -> None:
 
 
 @functools.cache
-def available() -> bool:
+def unavailable_reason() -> str | None:
+  """Why the custom call cannot run in this process (one line, logged once), or
+  None when it can. Builds it on first call: call it on CPU only."""
   if os.environ.get("BVL_CPU_GEMM", "1") == "0":
-    return False
+    return "switched off by BVL_CPU_GEMM=0"
   try:
     _register()
-    return True
+    return None
   except (Unavailable, OSError) as e:  # OSError: an unwritable cache, a bad library
     logging.warning("OpenBLAS CPU matmuls unavailable, using XLA's: %s", e)
-    return False
+    return str(e)
+
+
+def available() -> bool:
+  return unavailable_reason() is None
 
 
 _disabled = 0
@@ -117,8 +129,15 @@ def _single_device() -> bool:
   return mesh.size == 1 if not mesh.empty else jax.device_count() == 1
 
 
+def usable() -> bool:
+  """Whether traces in this process may use the custom call at all: a CPU default
+  backend (checked first: no build elsewhere), not `disabled()`, and built."""
+  return not _disabled and jax.default_backend() == "cpu" and available()
+
+
 def enabled(*operands) -> bool:
-  """Whether `einsum` on these operands runs through OpenBLAS in the current trace."""
+  """Whether `einsum` on these operands runs through OpenBLAS in the current trace
+  (when it is lowered for CPU)."""
   return (not _disabled and jax.default_backend() == "cpu" and _single_device()
           and all(x.dtype == jnp.float32 for x in operands) and available())
 
@@ -236,9 +255,12 @@ _blas_einsum.defvjp(_fwd, _bwd)
 
 
 def einsum(spec: str, x: jax.Array, y: jax.Array, **kwargs) -> jax.Array:
-  """`jnp.einsum(spec, x, y, **kwargs)`, through OpenBLAS where `enabled` (then
-  kwargs, e.g. preferred_element_type, are moot: float32 in and out). Two
-  operands; each index appears in two or three of the terms."""
+  """`jnp.einsum(spec, x, y, **kwargs)`, through OpenBLAS where `enabled` and the
+  trace is lowered for CPU (then kwargs, e.g. preferred_element_type, are moot:
+  float32 in and out). Two operands; each index appears in two or three of the
+  terms."""
+  plain = lambda a, b: jnp.einsum(spec, a, b, **kwargs)
   if enabled(x, y) and _geometry(spec, x.shape, y.shape) is not None:
-    return _blas_einsum(spec, x, y)
-  return jnp.einsum(spec, x, y, **kwargs)
+    return jax.lax.platform_dependent(x, y, cpu=functools.partial(_blas_einsum, spec),
+                                      default=plain)
+  return plain(x, y)
