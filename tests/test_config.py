@@ -1,9 +1,12 @@
 """Bad input gets a one-line error naming the field, path or value, before anything runs."""
 import os
+import subprocess
+import sys
+import textwrap
 
 from absl.testing import absltest, parameterized
 
-from big_vision_like import configuration, train
+from big_vision_like import cli, configuration, train
 from big_vision_like.registry import ConfigError
 from tests import helpers
 
@@ -44,7 +47,7 @@ class ValidateTest(parameterized.TestCase):
     cases = [
         ({"model.dpeth": 2}, "config.model.dpeth is not a field of model 'vit'"),
         ({"objective.label_smooth": 0.1}, "config.objective.label_smooth is not a field of objective 'supervised'"),
-        ({"objective.name": "simclr"}, "config.objective.name='simclr' is not a known objective; valid names: clip, dino, ibot, mae, segmentation, siglip, supervised"),
+        ({"objective.name": "simclr"}, "config.objective.name='simclr' is not a known objective; valid names: clip, dino, ibot, mae, segmentation, siglip, .*supervised"),
         ({"evals.test.name": "nearest"}, "config.evals.test.name='nearest' is not a known evaluator; valid names: classification, knn, linear_probe, retrieval, segmentation, zeroshot"),
         ({"evals.test.top_k": (1,)}, "config.evals.test.top_k is not a field of evaluator 'classification'"),
     ]
@@ -94,6 +97,75 @@ class CommandLineErrorsTest(parameterized.TestCase):
     error_lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
     self.assertLen(error_lines, 1, proc.stderr[-2000:])
     self.assertIn(message, error_lines[0])
+
+
+class ConfigByNameTest(absltest.TestCase):
+  """--config takes a bundled name as well as a file, inside the repository or not."""
+
+  def parse(self, argument):
+    return cli._ConfigFileParser("config").parse(argument)  # pylint: disable=protected-access
+
+  def test_bundled_names_are_the_configs_files(self):
+    names = cli.bundled_names()
+    self.assertContainsSubset(["default", "vit_cifar10", "vit_i1k", "siglip_cifar10"], names)
+    self.assertNotIn("common", names)  # a helper module, no get_config
+    self.assertEqual(os.path.realpath(os.path.join(helpers.REPO, "configs")),
+                     os.path.realpath(cli.BUNDLED_CONFIGS))
+
+  def test_a_name_loads_the_bundled_file_with_its_arg(self):
+    self.assertEqual(self.parse("default:smoke").total_steps, 6)
+    self.assertEqual(self.parse("default").total_steps, 1200)
+    self.assertEqual(self.parse("default.py:smoke").total_steps, 6)
+    smoke = self.parse("vit_cifar10:smoke")  # imports big_vision_like.configs.common
+    self.assertEqual((smoke.input.source, smoke.model.patch_size), ("image_folder", 8))
+
+  def test_an_unknown_name_lists_the_bundled_ones(self):
+    with self.assertRaisesRegex(cli._ConfigFileError,  # pylint: disable=protected-access
+                                r"^defualt is neither a file nor a bundled config; bundled "
+                                r"configs: .*\bdefault, .*vit_cifar10"):
+      self.parse("defualt")
+
+  def test_a_path_with_a_directory_is_never_a_name(self):
+    with self.assertRaisesRegex(cli._ConfigFileError,  # pylint: disable=protected-access
+                                r"^configs/default_x.py does not exist$"):
+      self.parse("configs/default_x.py")
+
+  def test_a_local_file_wins_over_a_bundled_name(self):
+    here = self.create_tempdir()
+    here.create_file("default", textwrap.dedent("""\
+        from big_vision_like.configs import default
+        def get_config(arg=None):
+          config = default.get_config("smoke")
+          config.total_steps = 3
+          return config
+        """))
+    cwd = os.getcwd()
+    os.chdir(here.full_path)
+    try:
+      self.assertEqual(self.parse("default").total_steps, 3)
+    finally:
+      os.chdir(cwd)
+
+  def test_the_package_command_runs_a_bundled_config_from_another_directory(self):
+    """`python -m big_vision_like --config=<name>` outside the repository (the
+    non-editable install is checked by .ci/run)."""
+    elsewhere = self.create_tempdir()
+    external = elsewhere.create_file("mine.py", textwrap.dedent("""\
+        from big_vision_like.configs import common  # noqa: F401 (a bundled helper)
+        from big_vision_like.configs import default
+        def get_config(arg=None):
+          return default.get_config(arg)
+        """)).full_path
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH="")
+    for config in ("default:smoke", f"{external}:smoke"):
+      workdir = os.path.join(elsewhere.full_path, config.split("/")[-1].replace(":", "_"))
+      proc = subprocess.run(
+          [sys.executable, "-m", "big_vision_like", f"--config={config}",
+           f"--workdir={workdir}", "--config.total_steps=2", "--config.evals.test.batch_size=120"],
+          cwd=elsewhere.full_path, env=env, capture_output=True, text=True, timeout=300)
+      self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+      self.assertIn("final eval/test/accuracy", proc.stdout)
+      self.assertEqual(helpers.read_metrics(workdir)[-1]["step"], 2)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ to the latents and predict pet / background, upsampled to the pixels. float32
 model for a few steps.
 """
 from big_vision_like import configuration
-from configs import common
+from big_vision_like.configs import common
 
 
 SIZE = 96

@@ -11,7 +11,7 @@ width (`--config.model.width=192 --config.model.mlp_dim=768`).
 `:smoke` runs a tiny model for a few steps.
 """
 from big_vision_like import configuration
-from configs import common
+from big_vision_like.configs import common
 
 
 def get_config(arg: str | None = None):

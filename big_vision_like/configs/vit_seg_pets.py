@@ -10,7 +10,7 @@ linear layer per token, upsampled bilinearly to the pixels. `:smoke` runs a
 tiny model for a few steps.
 """
 from big_vision_like import configuration
-from configs import common
+from big_vision_like.configs import common
 
 
 SIZE = 96

@@ -13,7 +13,7 @@ student; kNN accuracy of the teacher's features is the headline number.
 tiny model on digits for a few steps.
 """
 from big_vision_like import configuration
-from configs import common
+from big_vision_like.configs import common
 
 
 def get_config(arg: str | None = None):

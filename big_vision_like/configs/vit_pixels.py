@@ -12,7 +12,7 @@ one block's activations instead of all of them. On a GPU set
 `--config.model.attention=pallas` (or leave `auto`) and raise the batch.
 `:smoke` runs a tiny model on 16x16 crops for a few steps.
 """
-from configs import common
+from big_vision_like.configs import common
 from big_vision_like import configuration
 
 SIZE = 64

@@ -11,7 +11,7 @@ decodes the class. AdamW, warm-up + cosine to 1e-6, weight decay 0.05, clipping
 accumulated microbatches. `:smoke` runs a tiny model for a few steps.
 """
 from big_vision_like import configuration
-from configs import common
+from big_vision_like.configs import common
 
 
 def get_config(arg: str | None = None):

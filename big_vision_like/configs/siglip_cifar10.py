@@ -8,7 +8,7 @@ The same data, towers, budget and evaluators as configs/clip_cifar10.py; only
 the loss (and a bidirectional text tower) differ, so the two compare directly.
 `:smoke` trains a tiny model on digits for a few steps.
 """
-from configs import clip_cifar10
+from big_vision_like.configs import clip_cifar10
 
 
 def get_config(arg: str | None = None):

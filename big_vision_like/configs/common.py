@@ -1,7 +1,8 @@
 """Data settings shared by several configs (what is read and how it is augmented).
 
-Configs import this as `from configs import common`; `python -m main` runs from
-the repository root, which is on the import path. No config holds a data path:
+Configs import this as `from big_vision_like.configs import common`, which works
+from the repository root (`configs/` links to this folder) and from an installed
+package alike. No config holds a data path:
 pass `--config.input.data_dir=...` (a run without it stops with one line naming
 the field and the layout the source reads).
 """

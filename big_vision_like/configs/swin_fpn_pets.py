@@ -8,7 +8,7 @@ an FPN over the stages; pet vs background with the trimap border ignored.
 `:smoke` runs a tiny model for a few steps.
 """
 from big_vision_like import configuration
-from configs import common
+from big_vision_like.configs import common
 
 
 SIZE = 96

@@ -11,7 +11,7 @@ The frozen encoder is evaluated by kNN and a linear probe. `:smoke` trains a
 tiny model on digits for a few steps.
 """
 from big_vision_like import configuration
-from configs import common
+from big_vision_like.configs import common
 
 
 def get_config(arg: str | None = None):

@@ -13,7 +13,7 @@ captions the model never saw, so that last number is a stress test, not a
 benchmark. `:smoke` trains a tiny model on digits for a few steps.
 """
 from big_vision_like import configuration
-from configs import common
+from big_vision_like.configs import common
 
 TEXT_TRANSFORMS = [{"name": "class_caption"}, {"name": "tokenize"}]
 
