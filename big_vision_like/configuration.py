@@ -144,8 +144,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name, ev in config.evals.items():
     if "name" not in ev:
       raise ConfigError(f"config.evals.{name}.name is not set (the evaluator type)")
-    if ev.get("batch_size") is not None:  # unset: config.input's
-      _check_number(f"evals.{name}.batch_size", ev["batch_size"], 0, True, "positive")
+    batch_size = (ev.get("data") or {}).get("batch_size")
+    if batch_size is not None:  # unset: config.input's
+      _check_number(f"evals.{name}.data.batch_size", batch_size, 0, True, "positive")
 
 
 def smoke(config: ml_collections.ConfigDict, *, steps: int = 4, batch_size: int = 16,

@@ -24,6 +24,7 @@ from flax import nnx
 
 from big_vision_like import checkpoint as checkpoint_lib
 from big_vision_like import configuration, cpu_allocator, data, optim, preflight
+from big_vision_like import evaluators as evaluators_lib
 from big_vision_like.evaluators import EVALUATORS
 from big_vision_like.metrics import MetricWriter
 from big_vision_like.objectives import OBJECTIVES
@@ -88,7 +89,9 @@ def resolve_steps(config, steps_per_epoch: int) -> int:
 
 
 def build_evaluators(config, mesh) -> dict[str, Any]:
-  """Evaluators from config.evals; their data fields default to config.input's."""
+  """Evaluators from config.evals: `data` holds an evaluator's data settings
+  (merged with config.input's by `evaluators.data_config`), every other field
+  but `name` and `every_steps` is an argument of the evaluator."""
   evaluators = {}
   for name, ev in config.evals.items():
     ev = dict(ev)
@@ -98,24 +101,17 @@ def build_evaluators(config, mesh) -> dict[str, Any]:
       raise ConfigError(f"{field}.name={kind!r} is not a known evaluator; "
                         f"valid names: {', '.join(EVALUATORS.names())}")
     every = ev.pop("every_steps", None) or config.eval_every_steps
-    # The source and its arguments (e.g. tfds_name) come from config.input
-    # unless the evaluator names its own source.
-    data_config = dict(config.input) if ev.get("source", config.input.source) == \
-        config.input.source else {}
-    # Text is tokenized the same way everywhere (the text tower's vocabulary).
-    data_config.update({"split": "test", "batch_size": config.input.batch_size,
-                        "transforms": [{"name": "normalize"}], "num_workers": 0,
-                        "tokenizer": dict(config.input.tokenizer)})
+    data_config = evaluators_lib.data_config(config.input, ev.pop("data", None), f"{field}.data")
+    for key in ev:
+      if key in data.pipeline.PIPELINE_FIELDS:
+        raise ConfigError(f"{field}.{key} is a data setting: set {field}.data.{key} "
+                          f"(an evaluator's data settings live in its 'data' sub-config)")
     factory = EVALUATORS.get(kind)
-    own = {k: v for k, v in ev.items() if k not in data.pipeline.PIPELINE_FIELDS
-           and k not in data_config}
-    check_kwargs(factory, own, field, what=f"evaluator {kind!r}",
+    check_kwargs(factory, ev, field, what=f"evaluator {kind!r}",
                  skip=("data_config", "mesh", "field"))
-    data_config.update({k: v for k, v in ev.items() if k not in own})
-    sharding.check_batch(data_config["batch_size"], mesh, config.sharding_rules,
-                         f"{field}.batch_size")
-    evaluator = factory(ml_collections.ConfigDict(data_config), mesh=mesh, field=field, **own)
-    evaluators[name] = (evaluator, int(every))
+    sharding.check_batch(data_config.batch_size, mesh, config.sharding_rules,
+                         f"{field}.data.batch_size")
+    evaluators[name] = (factory(data_config, mesh=mesh, field=field, **ev), int(every))
   return evaluators
 
 

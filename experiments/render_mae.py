@@ -16,7 +16,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from big_vision_like import data, train  # pylint: disable=wrong-import-position
+from big_vision_like import data, evaluators, train  # pylint: disable=wrong-import-position
 from big_vision_like.objectives import masked  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "the run's config file")
@@ -30,11 +30,12 @@ def main(argv):
   del argv
   config = _CONFIG.value
   objective, step = train.load_trained(config, _WORKDIR.value)
-  test = dict(config.evals[next(iter(config.evals))])  # the evaluators' test transforms
-  data_config = dict(config.input, split="test", transforms=test["transforms"],
-                     batch_size=_NUM.value)
-  source = data.build_source(data_config, "config.input")
-  images = next(data.eval_batches(type(config.input)(data_config), source, "config.input"))
+  name = next(iter(config.evals))  # the first evaluator's test data, fewer images
+  data_config = evaluators.data_config(config.input, config.evals[name].get("data"),
+                                       f"config.evals.{name}.data")
+  data_config.batch_size = _NUM.value
+  source = data.build_source(data_config, f"config.evals.{name}.data")
+  images = next(data.eval_batches(data_config, source, f"config.evals.{name}.data"))
   recon, mask = jax.jit(objective.reconstruct)(images["image"], jax.random.key(0))
   grid = masked.render(images["image"], np.asarray(recon), np.asarray(mask), _NUM.value)
   grid = np.repeat(np.repeat(grid, _SCALE.value, 0), _SCALE.value, 1)

@@ -161,7 +161,7 @@ class ConfigByNameTest(absltest.TestCase):
       workdir = os.path.join(elsewhere.full_path, config.split("/")[-1].replace(":", "_"))
       proc = subprocess.run(
           [sys.executable, "-m", "big_vision_like", f"--config={config}",
-           f"--workdir={workdir}", "--config.total_steps=2", "--config.evals.test.batch_size=120"],
+           f"--workdir={workdir}", "--config.total_steps=2", "--config.evals.test.data.batch_size=120"],
           cwd=elsewhere.full_path, env=env, capture_output=True, text=True, timeout=300)
       self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
       self.assertIn("final eval/test/accuracy", proc.stdout)

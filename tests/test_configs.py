@@ -36,7 +36,7 @@ class ConfigsTest(parameterized.TestCase):
     module, config = load(name, "smoke")
     self.assertIn("python -m main --config=configs/" + name, module.__doc__)
     # Configs hold no data paths: give each source that needs one this machine's copy.
-    for data in (config.input, *config.evals.values()):
+    for data in (config.input, *(ev.data for ev in config.evals.values())):
       source = data.get("source", config.input.source)
       if source in SHARED_DATA and not data.get("data_dir"):
         path = os.path.join(helpers.REPO, "..", "shared", "data", SHARED_DATA[source])

@@ -349,8 +349,8 @@ class EvaluatorAndDataTest(parameterized.TestCase):
     transforms = [{"name": "decode", "channels": 3}, {"name": "normalize"}]
     with self.assertRaisesRegex(ConfigError, r"config\.evals\.test: the model cannot take its "
                                 r"images \(split 'test', 8x8x3 after config\.evals\.test\."
-                                r"transforms; training images are 8x8x1\): "):
-      _run(workdir, **{"evals.test.transforms": transforms})
+                                r"data\.transforms; training images are 8x8x1\): "):
+      _run(workdir, **{"evals.test.data.transforms": transforms})
     self.assertFalse(os.path.exists(os.path.join(workdir, "checkpoints")))
 
   def test_labels_beyond_num_classes_listed_by_the_source_fail_at_start(self):

@@ -45,10 +45,10 @@ class ValueRangeTest(parameterized.TestCase):
       ("zero_keep_checkpoints", {"keep_checkpoints": 0}, "config.keep_checkpoints=0 must be at least 1"),
       ("zero_grad_accum", {"optim.grad_accum_steps": 0},
        "config.optim.grad_accum_steps=0 must be at least 1"),
-      ("zero_eval_batch", {"evals.test.batch_size": 0},
-       "config.evals.test.batch_size=0 must be positive"),
-      ("negative_eval_batch", {"evals.test.batch_size": -1},
-       "config.evals.test.batch_size=-1 must be positive"),
+      ("zero_eval_batch", {"evals.test.data.batch_size": 0},
+       "config.evals.test.data.batch_size=0 must be positive"),
+      ("negative_eval_batch", {"evals.test.data.batch_size": -1},
+       "config.evals.test.data.batch_size=-1 must be positive"),
   )
   def test_out_of_range_value_is_named(self, overrides, message):
     config = helpers.tiny_config(**overrides)
@@ -63,7 +63,7 @@ class ValueRangeTest(parameterized.TestCase):
       ("no_warmup", {"optim.warmup_steps": 0, "optim.warmup_epochs": 0.0}),
       ("constant_schedule", {"optim.schedule": "constant"}),
       ("one_checkpoint", {"keep_checkpoints": 1}),
-      ("eval_batch_from_input", {"evals.test.batch_size": None}),
+      ("eval_batch_from_input", {"evals.test.data.batch_size": None}),
   )
   def test_legitimate_values_still_pass(self, overrides):
     configuration.validate(helpers.tiny_config(**overrides))

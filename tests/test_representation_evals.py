@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 import ml_collections
 
+from big_vision_like import evaluators as evaluators_lib
 from big_vision_like.evaluators import common
 from big_vision_like import configuration
 from big_vision_like import data
@@ -307,11 +308,11 @@ class BuildFromConfigTest(absltest.TestCase):
   def test_trainer_builds_all_four(self):
     config = helpers.tiny_config()
     with config.unlocked():
+      config.input.tokenizer = TOKENIZER
       config.evals = {
           "knn": {"name": "knn", "k": 10, "max_train_examples": 100},
           "probe": {"name": "linear_probe", "steps": 50},
-          "zs": {"name": "zeroshot", "classes": [str(i) for i in range(10)],
-                 "tokenizer": TOKENIZER},
+          "zs": {"name": "zeroshot", "classes": [str(i) for i in range(10)]},
           "ret": {"name": "retrieval", "ks": (1, 10)}}
     evaluators = train.build_evaluators(config, mesh_lib.make_mesh(config.mesh))
     self.assertEqual(evaluators["knn"][0].k, 10)
@@ -319,6 +320,27 @@ class BuildFromConfigTest(absltest.TestCase):
     self.assertEqual(evaluators["probe"][0].steps, 50)
     self.assertEqual(evaluators["zs"][0].tokens.shape, (10 * len(DEFAULT_TEMPLATES), 24))
     self.assertEqual(evaluators["ret"][0].ks, (1, 10))
+
+  def test_data_settings_merge_in_one_place(self):
+    config = helpers.tiny_config()
+    config.input.update(source="digits", batch_size=64, num_workers=2)
+    merged = evaluators_lib.data_config(config.input, {"batch_size": 32, "split": None}, "f")
+    # config.input, then the evaluation defaults, then the evaluator's own data.
+    self.assertEqual((merged.source, merged.split, merged.batch_size, merged.num_workers),
+                     ("digits", "test", 32, 0))
+    self.assertEqual(merged.transforms, [{"name": "normalize"}])
+    other = evaluators_lib.data_config(config.input, {"source": "idx", "data_dir": "/d"}, "f")
+    self.assertNotIn("random_crop", str(other.transforms))  # nothing of config.input's
+    self.assertEqual((other.source, other.batch_size), ("idx", 64))
+    with self.assertRaisesRegex(ConfigError, r"^f.tokenizer: evaluators tokenize with "
+                                             r"config.input.tokenizer"):
+      evaluators_lib.data_config(config.input, {"tokenizer": TOKENIZER}, "f")
+
+  def test_a_data_field_outside_data_is_named(self):
+    config = helpers.tiny_config(**{"evals.test.batch_size": 8})
+    with self.assertRaisesRegex(ConfigError, r"^config.evals.test.batch_size is a data "
+                                             r"setting: set config.evals.test.data.batch_size"):
+      train.build_evaluators(config, mesh_lib.make_mesh(config.mesh))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
   python -m main --config=configs/clip_cifar10.py --workdir=/tmp/clip_cifar10 \
       --config.input.data_dir=/path/to/cifar10_jpeg.tar.gz \
-      --config.evals.coco.data_dir=/path/to/coco_mini.tar
+      --config.evals.coco.data.data_dir=/path/to/coco_mini.tar
 
 Each training image is paired with a random prompt for its class ("a blurry
 photo of a cat."), tokenized by the file-free byte tokenizer; the towers are a
@@ -41,15 +41,14 @@ def get_config(arg: str | None = None, objective: str = "clip"):
 
   eval_images = common.CIFAR10_EVAL_TRANSFORMS
   config.evals = {
-      "zeroshot": {"name": "zeroshot", "split": "test", "batch_size": 500,
-                   "transforms": eval_images},
+      "zeroshot": {"name": "zeroshot", "data": {"split": "test", "batch_size": 500,
+                                                "transforms": eval_images}},
       **common.representation_evals(eval_images, linear_probe=False),
-      "coco": {"name": "retrieval", "source": "coco_captions", "data_dir": configuration.OPTIONAL_STR(),
-               "split": "val", "batch_size": 79,
-               "transforms": [{"name": "decode", "channels": 3},
-                              {"name": "resize", "size": 32},
-                              {"name": "normalize"},
-                              {"name": "tokenize", "all_captions": True}]},
+      "coco": {"name": "retrieval", "data": {
+          "source": "coco_captions", "data_dir": configuration.OPTIONAL_STR(),
+          "split": "val", "batch_size": 79,
+          "transforms": [{"name": "decode", "channels": 3}, {"name": "resize", "size": 32},
+                         {"name": "normalize"}, {"name": "tokenize", "all_captions": True}]}},
   }
   if arg == "smoke":
     common.pretraining_smoke(
@@ -57,8 +56,8 @@ def get_config(arg: str | None = None, objective: str = "clip"):
         eval_transforms=[{"name": "normalize"}])
     config.objective.text = dict(width=16, depth=1, num_heads=2)
     config.objective.embed_dim = 16
-    config.evals.zeroshot = {"name": "zeroshot", "split": "test", "batch_size": 120,
-                             "transforms": [{"name": "normalize"}]}
+    config.evals.zeroshot = {"name": "zeroshot", "data": {
+        "split": "test", "batch_size": 120, "transforms": [{"name": "normalize"}]}}
   elif arg:
     raise ValueError(f"{objective}_cifar10 accepts 'smoke' or nothing, got {arg!r}")
   return config

@@ -19,9 +19,9 @@ def cifar10(config, *, batch_size: int):
       {"name": "flip_lr"},
       {"name": "normalize"},
   ]
-  config.evals = {"test": {"name": "classification", "split": "test", "batch_size": 500,
-                           "transforms": [{"name": "decode", "channels": 3},
-                                          {"name": "normalize"}]}}
+  config.evals = {"test": {"name": "classification", "data": {
+      "split": "test", "batch_size": 500,
+      "transforms": [{"name": "decode", "channels": 3}, {"name": "normalize"}]}}}
   return config
 
 
@@ -45,10 +45,10 @@ def pets_segmentation(size: int, *, batch_size: int = 32, epochs: float = 100.0)
   config.optim.min_lr = 1e-6
   config.optim.weight_decay = 0.05
   config.optim.warmup_epochs = 5.0
-  config.evals = {"test": {"name": "segmentation", "split": "test", "batch_size": 50,
-                           "transforms": [{"name": "decode", "channels": 3},
-                                          {"name": "resize", "size": size},
-                                          {"name": "normalize"}]}}
+  config.evals = {"test": {"name": "segmentation", "data": {
+      "split": "test", "batch_size": 50,
+      "transforms": [{"name": "decode", "channels": 3}, {"name": "resize", "size": size},
+                     {"name": "normalize"}]}}}
   return config
 
 
@@ -58,11 +58,11 @@ CIFAR10_EVAL_TRANSFORMS = [{"name": "decode", "channels": 3}, {"name": "normaliz
 def representation_evals(transforms, *, train_examples: int | None = 10000,
                          batch_size: int = 500, linear_probe: bool = True) -> dict:
   """kNN (and a linear probe) on frozen features: train split -> test split."""
-  evals = {"knn": {"name": "knn", "split": "test", "batch_size": batch_size,
-                   "transforms": transforms, "max_train_examples": train_examples}}
+  data = {"split": "test", "batch_size": batch_size, "transforms": transforms}
+  evals = {"knn": {"name": "knn", "data": data, "max_train_examples": train_examples}}
   if linear_probe:
-    evals["linear_probe"] = {"name": "linear_probe", "split": "test", "batch_size": batch_size,
-                             "transforms": transforms, "max_train_examples": train_examples}
+    evals["linear_probe"] = {"name": "linear_probe", "data": data,
+                             "max_train_examples": train_examples}
   return evals
 
 

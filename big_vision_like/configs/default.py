@@ -31,8 +31,8 @@ def get_config(arg: str | None = None):
   config.optim.lr = 2e-3
   config.optim.weight_decay = 0.05
   config.optim.warmup_steps = 100
-  config.evals = {"test": {"name": "classification", "split": "test",
-                           "batch_size": 360, "transforms": [{"name": "normalize"}]}}
+  config.evals = {"test": {"name": "classification", "data": {
+      "split": "test", "batch_size": 360, "transforms": [{"name": "normalize"}]}}}
 
   if arg == "smoke":
     configuration.smoke(config, steps=6, batch_size=64)

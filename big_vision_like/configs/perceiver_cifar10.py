@@ -38,7 +38,7 @@ def get_config(arg: str | None = None):
   if arg == "smoke":
     configuration.smoke(config, num_latents=4, latent_dim=16, num_blocks=1,
                         self_attends_per_block=1, self_heads=2, num_bands=4)
-    config.evals.test.batch_size = 1000
+    config.evals.test.data.batch_size = 1000
   elif arg:
     raise ValueError(f"perceiver_cifar10 accepts 'smoke' or nothing, got {arg!r}")
   return config

@@ -2,7 +2,7 @@
 
   python -m main --config=configs/siglip_cifar10.py --workdir=/tmp/siglip_cifar10 \
       --config.input.data_dir=/path/to/cifar10_jpeg.tar.gz \
-      --config.evals.coco.data_dir=/path/to/coco_mini.tar
+      --config.evals.coco.data.data_dir=/path/to/coco_mini.tar
 
 The same data, towers, budget and evaluators as configs/clip_cifar10.py; only
 the loss (and a bidirectional text tower) differ, so the two compare directly.

@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
   if arg == "smoke":
     configuration.smoke(config, embed_dim=8, depths=(1, 1, 1), num_heads=(1, 1, 2))
     config.objective.head_args = {"dim": 8, "num_heads": 1}
-    config.evals.test.batch_size = 100
+    config.evals.test.data.batch_size = 100
   elif arg:
     raise ValueError(f"swin_fpn_pets accepts 'smoke' or nothing, got {arg!r}")
   return config

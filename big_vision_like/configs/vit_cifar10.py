@@ -32,7 +32,7 @@ def get_config(arg: str | None = None):
 
   if arg == "smoke":
     configuration.smoke(config, patch_size=8)
-    config.evals.test.batch_size = 1000
+    config.evals.test.data.batch_size = 1000
   elif arg:
     raise ValueError(f"vit_cifar10 accepts 'smoke' or nothing, got {arg!r}")
   return config

@@ -30,12 +30,12 @@ def get_config(arg: str | None = None):
   config.optim.lr = 1e-3
   config.optim.weight_decay = 0.05
   config.optim.warmup_epochs = 1.0
-  config.evals = {"test": {"name": "classification", "split": "test",
-                           "batch_size": 500, "transforms": [{"name": "normalize"}]}}
+  config.evals = {"test": {"name": "classification", "data": {
+      "split": "test", "batch_size": 500, "transforms": [{"name": "normalize"}]}}}
 
   if arg == "smoke":
     configuration.smoke(config, patch_size=7)
-    config.evals.test.batch_size = 1000
+    config.evals.test.data.batch_size = 1000
   elif arg:
     raise ValueError(f"vit_fashion_mnist accepts 'smoke' or nothing, got {arg!r}")
   return config

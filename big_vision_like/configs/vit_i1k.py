@@ -45,19 +45,17 @@ def get_config(arg: str | None = None):
   config.optim.warmup_epochs = 5.0
   config.optim.min_lr = 1e-6
   config.optim.grad_accum_steps = 4
-  config.evals = {"val": {"name": "classification", "split": "validation",
-                          "batch_size": 1000,
-                          "transforms": [{"name": "decode", "channels": 3},
-                                         {"name": "resize_small", "size": 256},
-                                         {"name": "center_crop", "size": 224},
-                                         {"name": "normalize"}]}}
+  config.evals = {"val": {"name": "classification", "data": {
+      "split": "validation", "batch_size": 1000,
+      "transforms": [{"name": "decode", "channels": 3}, {"name": "resize_small", "size": 256},
+                     {"name": "center_crop", "size": 224}, {"name": "normalize"}]}}}
 
   if arg == "smoke":  # 32x32 images, two steps with 2 accumulated microbatches
     configuration.smoke(config, steps=2, batch_size=8, patch_size=16, image_size=32)
     config.input.transforms[1]["size"] = 32
-    config.evals.val.transforms[1]["size"] = 36
-    config.evals.val.transforms[2]["size"] = 32
-    config.evals.val.batch_size = 8
+    config.evals.val.data.transforms[1]["size"] = 36
+    config.evals.val.data.transforms[2]["size"] = 32
+    config.evals.val.data.batch_size = 8
   elif arg:
     raise ValueError(f"vit_i1k accepts 'smoke' or nothing, got {arg!r}")
   return config

@@ -28,11 +28,11 @@ def get_config(arg: str | None = None):
                       num_heads=2, mlp_dim=128, image_size=SIZE, pool="gap",
                       posemb="learn", attention="chunked", remat=True, scan=True)
   config.objective = dict(name="segmentation", num_classes=2, head="linear")
-  config.evals.test.batch_size = 25
+  config.evals.test.data.batch_size = 25
 
   if arg == "smoke":
     configuration.smoke(config, steps=2, batch_size=4, image_size=16)
-    for transforms in (config.input.transforms, config.evals.test.transforms):
+    for transforms in (config.input.transforms, config.evals.test.data.transforms):
       for t in transforms:
         if "size" in t:
           t["size"] = 16

@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
 
   if arg == "smoke":
     configuration.smoke(config, patch_size=16)
-    config.evals.test.batch_size = 100
+    config.evals.test.data.batch_size = 100
   elif arg:
     raise ValueError(f"vit_seg_pets accepts 'smoke' or nothing, got {arg!r}")
   return config

@@ -23,7 +23,7 @@ class Classification:
 
   def __init__(self, data_config, *, mesh, field: str, topk: Sequence[int] = (1, 5)):
     self.data_config, self.mesh, self.field = data_config, mesh, field
-    self.source = data.build_source(data_config, field)
+    self.source = data.build_source(data_config, f"{field}.data")
     self.topk = tuple(k for k in topk if k <= getattr(self.source, "num_classes", k))
     self._sums = None
 
@@ -53,7 +53,7 @@ class Classification:
     if self._sums is None:
       self._sums = self._compile(graphdef)
     totals = None
-    for batch in data.eval_batches(self.data_config, self.source, self.field):
+    for batch in data.eval_batches(self.data_config, self.source, f"{self.field}.data"):
       out = self._sums(state, sharding.put_batch(batch, self.mesh))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.tree.map(lambda x: float(np.asarray(x)), totals)

@@ -46,6 +46,31 @@ class Subset:
     return self.source[int(self.indices[i])]
 
 
+# What an evaluator reads unless its `data` says otherwise.
+EVAL_DATA_DEFAULTS = {"split": "test", "transforms": [{"name": "normalize"}], "num_workers": 0}
+
+
+def data_config(input_config, data, field: str) -> ml_collections.ConfigDict:
+  """An evaluator's data settings (`config.evals.<name>.data`), merged in one place:
+
+  1. config.input, source-specific fields included, when the evaluator reads the
+     same source (no `data.source`, or the same one); nothing of it otherwise;
+  2. the evaluation defaults: the test split, `normalize` only, no worker
+     processes, config.input's batch size;
+  3. `data` itself.
+  The tokenizer is always config.input's: the text tower's vocabulary.
+  """
+  data = {k: v for k, v in dict(data or {}).items() if v is not None}  # None: unset
+  if "tokenizer" in data:
+    raise ConfigError(f"{field}.tokenizer: evaluators tokenize with config.input.tokenizer "
+                      f"(the text tower's vocabulary); remove it")
+  same_source = data.get("source", input_config.source) == input_config.source
+  merged = dict(input_config) if same_source else {}
+  merged.update(EVAL_DATA_DEFAULTS, batch_size=input_config.batch_size)
+  merged.update(data, tokenizer=dict(input_config.tokenizer))
+  return ml_collections.ConfigDict(merged)
+
+
 def split_config(data_config, split: str) -> ml_collections.ConfigDict:
   """The evaluator's data config for another split (same source, dir and transforms)."""
   config = dict(data_config)
@@ -56,7 +81,7 @@ def split_config(data_config, split: str) -> ml_collections.ConfigDict:
 def build_train_source(data_config, field: str, train_split: str,
                        max_train_examples: int | None):
   """The labelled split that kNN / linear probes fit on, optionally truncated."""
-  source = data.build_source(split_config(data_config, train_split), field)
+  source = data.build_source(split_config(data_config, train_split), f"{field}.data")
   if max_train_examples is not None:
     if int(max_train_examples) < 1:
       raise ConfigError(f"{field}.max_train_examples={max_train_examples!r} must be >= 1")
@@ -96,7 +121,7 @@ def map_split(fn: Callable, state, data_config, source, field: str, mesh,
     for k, v in out.items():
       chunks.setdefault(k, []).append(v[keep])
 
-  for batch in data.eval_batches(data_config, source, field):
+  for batch in data.eval_batches(data_config, source, f"{field}.data"):
     arrays = sharding.put_batch({k: np.asarray(batch[k]) for k in (*keys, "_mask")}, mesh)
     out = dict(fn(state, arrays), _mask=arrays["_mask"])
     if pending is not None:
@@ -167,7 +192,7 @@ def check_inputs(field: str, data_config, source, graphdef, state, apply: Callab
   """One batch of an evaluator's data, traced through `apply(objective, images)`
   (shapes only, no compute), so that images the model can't take fail at start,
   not after training. `train_image_shape()`, for the message, is called on failure."""
-  batch = next(data.eval_batches(data_config, source, field), None)
+  batch = next(data.eval_batches(data_config, source, f"{field}.data"), None)
   if batch is None:
     raise ConfigError(f"{field}: split {data_config.get('split')!r} has no examples")
   images = np.asarray(batch["image"])
@@ -179,7 +204,7 @@ def check_inputs(field: str, data_config, source, graphdef, state, apply: Callab
     trained = f"; training images are {_hwc(shape)}" if shape else ""
     raise ConfigError(f"{field}: the model cannot take its images (split "
                       f"{data_config.get('split')!r}, {_hwc(images.shape[1:])} after "
-                      f"{field}.transforms{trained}): {first_line(e, 200)}") from None
+                      f"{field}.data.transforms{trained}): {first_line(e, 200)}") from None
 
 
 class FrozenFeatures:
@@ -189,7 +214,7 @@ class FrozenFeatures:
   def __init__(self, data_config, *, mesh, field: str, train_split: str,
                max_train_examples: int | None):
     self.data_config, self.mesh, self.field = data_config, mesh, field
-    self.source = data.build_source(data_config, field)
+    self.source = data.build_source(data_config, f"{field}.data")
     self.train_source = build_train_source(data_config, field, train_split,
                                            max_train_examples)
     self.train_config = split_config(data_config, train_split)

@@ -119,7 +119,7 @@ class Retrieval:
     if not ks or min(ks) < 1:
       raise ConfigError(f"{field}.ks={ks!r} must be positive ranks, e.g. (1, 5)")
     self.data_config, self.mesh, self.field, self.ks = data_config, mesh, field, ks
-    self.source = data.build_source(data_config, field)
+    self.source = data.build_source(data_config, f"{field}.data")
     self._embed = None
 
   def check(self, graphdef, state, train_image_shape=None) -> None:

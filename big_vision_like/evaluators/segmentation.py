@@ -45,7 +45,7 @@ class Segmentation:
 
   def __init__(self, data_config, *, mesh, field: str, ignore_index: int = 255):
     self.data_config, self.mesh, self.field = data_config, mesh, field
-    self.source = data.build_source(data_config, field)
+    self.source = data.build_source(data_config, f"{field}.data")
     self.ignore_index = ignore_index
     self._confusion = None
 
@@ -74,7 +74,7 @@ class Segmentation:
       num_classes = nnx.merge(graphdef, *state).num_classes
       self._confusion = self._compile(graphdef, num_classes)
     total = None
-    for batch in data.eval_batches(self.data_config, self.source, self.field):
+    for batch in data.eval_batches(self.data_config, self.source, f"{self.field}.data"):
       out = self._confusion(state, sharding.put_batch(batch, self.mesh))
       total = out if total is None else jax.tree.map(jnp.add, total, out)
     confusion, missed = (np.asarray(x, np.float64) for x in jax.device_get(total))

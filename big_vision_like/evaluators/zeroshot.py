@@ -51,7 +51,7 @@ class ZeroShot:
   def __init__(self, data_config, *, mesh, field: str, classes: Sequence[str] = (),
                templates: Sequence[str] = ()):
     self.data_config, self.mesh, self.field = data_config, mesh, field
-    self.source = data.build_source(data_config, field)
+    self.source = data.build_source(data_config, f"{field}.data")
     self.classes = [str(c) for c in (classes or getattr(self.source, "classes", None) or ())]
     if not self.classes:
       raise ConfigError(f"{field}.classes is not set and source "

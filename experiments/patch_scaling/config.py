@@ -51,10 +51,10 @@ def get_config(arg: str | None = None):
         {"name": "flip_lr"},
         {"name": "normalize"},
     ]
-    config.evals = {"test": {"name": "classification", "split": "test", "batch_size": 500,
-                             "transforms": [{"name": "random_crop", "size": 32, "padding": 2,
-                                             "pad_mode": "constant"},
-                                            {"name": "normalize"}]}}
+    config.evals = {"test": {"name": "classification", "data": {
+        "split": "test", "batch_size": 500,
+        "transforms": [{"name": "random_crop", "size": 32, "padding": 2, "pad_mode": "constant"},
+                       {"name": "normalize"}]}}}
     channels = 1
   else:
     raise ValueError(f"patch_scaling dataset must be 'cifar10' or 'fashion_mnist', "
