@@ -30,7 +30,6 @@ element changes it (odd multipliers are invertible mod 2^32).
 from __future__ import annotations
 
 import errno
-import os
 import re
 from typing import Any, Callable
 
@@ -41,6 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from big_vision_like import workdir as workdir_lib
 from big_vision_like.registry import ConfigError, first_line
 from big_vision_like.parallel import distributed
 from big_vision_like.workdir import StorageError, WriteError
@@ -142,8 +142,10 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 3, asynchronous: bool = True,
                read_only: bool = False):
     """`read_only`: for tools reading another run's checkpoints while it may be
-    writing them (no clean-up of its temporary directories, nothing created)."""
-    self.directory = os.path.abspath(directory)
+    writing them (no clean-up of its temporary directories, nothing created).
+    `directory` may be remote (gs://...): every path goes through etils.epath,
+    as Orbax's own do."""
+    self.directory = str(workdir_lib.path(directory))
     self.read_only = read_only
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep, create=not read_only,
@@ -164,7 +166,7 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return str(workdir_lib.path(self.directory, str(step)))
 
   # -- saving ----------------------------------------------------------------
 
@@ -276,7 +278,7 @@ class Checkpointer:
                          f"but {saved} was written")
 
   def _read_meta(self, step: int) -> dict:
-    if not os.path.isdir(os.path.join(self.path(step), "meta")):
+    if not workdir_lib.path(self.path(step), "meta").is_dir():
       logging.warning("Checkpoint %s has no fingerprint (written by an older version); "
                       "its contents cannot be verified.", self.path(step))
       return {}
@@ -297,13 +299,13 @@ class Checkpointer:
 
   def _move_aside(self, step: int, reason: str) -> None:
     aside, n = self.path(step) + ".corrupt", 1
-    while os.path.exists(aside):  # an earlier fault of a checkpoint with this step
+    while workdir_lib.path(aside).exists():  # an earlier fault of a checkpoint with this step
       n += 1
       aside = f"{self.path(step)}.corrupt{n}"
     logging.error("Checkpoint %s is corrupt or incomplete (%s); moved it to %s and "
                   "trying the previous one.", self.path(step), reason, aside)
-    if jax.process_index() == 0:
-      os.replace(self.path(step), aside)
+    if jax.process_index() == 0:  # remote: a copy of each object, then a delete
+      workdir_lib.path(self.path(step)).rename(aside)
     self._manager.close()
     self._manager = self._open()
 
@@ -311,7 +313,9 @@ class Checkpointer:
     """A checkpoint of another config is an error naming the first difference (not a
     corrupt file to skip): the user changed the config or the workdir."""
     with ocp.StandardCheckpointer() as reader:
-      metadata = reader.metadata(os.path.join(self.path(step), "state"))
+      # A str: given an epath.Path, later reads in this process saw the bytes as they
+      # were before a change on disk (test_faults' flipped bit read back unflipped).
+      metadata = reader.metadata(str(workdir_lib.path(self.path(step), "state")))
     tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
     saved = _shapes(tree)
     expected = _shapes(abstract_state)
