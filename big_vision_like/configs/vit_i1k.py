@@ -4,7 +4,8 @@
       --config.input.data_dir=/path/to/tensorflow_datasets
 
 Needs the prepared TFDS dataset (ArrayRecord; `tfds build imagenet2012` with
-the manual download). Recipe (Touvron et al. 2021): 300 epochs, global batch
+the manual download) and `pip install "big_vision_like[tfds,gcs]"` (TFDS; gcsfs
+and google-cloud-storage for the gs:// workdir). Recipe (Touvron et al. 2021): 300 epochs, global batch
 1024, AdamW lr 1e-3 (5 warm-up epochs, cosine to 1e-6), weight decay 0.05,
 global-norm clipping 1.0, label smoothing 0.1, mixup 0.8 / cutmix 1.0,
 stochastic depth 0.1, bf16 compute with float32 parameters. The global batch
