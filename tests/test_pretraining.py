@@ -300,15 +300,17 @@ class ObjectiveStateTest(absltest.TestCase):
     self.assertAlmostEqual(float(siglip.bias[...]), -10.0)
 
 
+TINY_SWIN = {"model": dict(name="swin", num_classes=0, patch_size=2, embed_dim=16, depths=(1,),
+                           num_heads=(2,), window_size=4, image_size=8, channels=1)}
+
+
 class BadInputTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("mae_with_perceiver", "mae", {"model": dict(name="perceiver", num_classes=0)},
        "objective 'mae' needs a backbone that can encode a subset of its patch tokens; "
        "config.model.name='perceiver' cannot"),
-      ("mae_with_swin", "mae", {"model": dict(name="swin", num_classes=0, patch_size=2,
-                                              embed_dim=16, depths=(1,), num_heads=(2,),
-                                              window_size=4, image_size=8, channels=1)},
+      ("mae_with_swin", "mae", TINY_SWIN,
        r"config.model.name='swin' cannot \(backbones that can: vit\); objective 'simmim' "
        r"needs only mask tokens"),
       ("siglip_without_text", "siglip", {"input.transforms": [{"name": "normalize"}]},
@@ -317,14 +319,10 @@ class BadInputTest(parameterized.TestCase):
        "needs the 'multi_crop' transform"),
       ("clip_with_classifier", "clip", {"model.num_classes": 10},
        "config.model.num_classes must be 0 for 'clip'"),
-      ("ibot_with_swin", "ibot", {"model": dict(name="swin", num_classes=0, patch_size=2,
-                                                embed_dim=16, depths=(1,), num_heads=(2,),
-                                                window_size=4, image_size=8, channels=1)},
+      ("ibot_with_swin", "ibot", TINY_SWIN,
        r"objective 'ibot' \(it masks patch tokens\) needs a backbone that can output one "
        r"token per input patch; config.model.name='swin' cannot \(backbones that can: vit\)"),
-      ("dino_local_crops_with_swin", "dino", {"model": dict(
-          name="swin", num_classes=0, patch_size=2, embed_dim=16, depths=(1,), num_heads=(2,),
-          window_size=4, image_size=8, channels=1)},
+      ("dino_local_crops_with_swin", "dino", TINY_SWIN,
        r"objective 'dino' with local crops needs a backbone that can take images of another "
        r"size.*config.model.name='swin' cannot \(backbones that can: perceiver, vit\); or "
        r"set num_local=0"),
