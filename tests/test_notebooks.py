@@ -3,8 +3,12 @@
 The notebooks read BVL_NOTEBOOK_SMOKE=1 (a few training steps instead of
 minutes) and BVL_NOTEBOOK_WORKDIR (where their runs go); everything else,
 including their own assertions, runs as a user would run it, in a real kernel.
+Their first cell installs the package where it is missing (Colab): from the
+WHEEL or REPO_URL it names, or it stops with one sentence saying to set one.
 """
 import os
+import subprocess
+import sys
 import tempfile
 from unittest import mock
 
@@ -33,6 +37,21 @@ class NotebooksTest(parameterized.TestCase):
       if cell.cell_type == "code":
         self.assertEqual(cell.outputs, [], f"{name} cell {i} has outputs")
         self.assertIsNone(cell.execution_count, f"{name} cell {i} has an execution count")
+
+  @parameterized.parameters(*NAMES)
+  def test_install_cell_without_a_source_says_what_to_set(self, name):
+    """Run by a Python that sees no installed package (-S), outside any clone."""
+    nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("BVL_WHEEL", "BVL_REPO_URL", "PYTHONPATH")}
+    proc = subprocess.run([sys.executable, "-S", "-c", first.source],
+                          cwd=self.create_tempdir().full_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertEqual(proc.stderr.strip().splitlines()[-1],
+                     "RuntimeError: big_vision_like is not installed: set WHEEL (a .whl path "
+                     "or URL) or REPO_URL (a git URL) at the top of this cell and run it again.")
 
   @parameterized.parameters(*NAMES)
   def test_runs_top_to_bottom(self, name):
