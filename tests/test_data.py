@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from unittest import mock
 
 import numpy as np
 from absl.testing import absltest, parameterized
@@ -215,6 +216,22 @@ class PipelineTest(absltest.TestCase):
         np.testing.assert_array_equal(next(workers)["image"], e)
     finally:
       workers.close()
+
+
+class MissingExtraTest(absltest.TestCase):
+  """An optional dependency that isn't installed is one line naming the extra."""
+
+  def test_tfds_source_without_tensorflow_datasets(self):
+    with mock.patch.dict(sys.modules, {"tensorflow_datasets": None}):
+      with self.assertRaisesRegex(ConfigError, r"needs tensorflow-datasets: pip install "
+                                               r"'big_vision_like\[tfds\]'"):
+        data.build_source(cfg(source="tfds", tfds_name="mnist", split="test"), "config.input")
+
+  def test_sentencepiece_tokenizer_without_sentencepiece(self):
+    from big_vision_like.data import tokenizers  # pylint: disable=g-import-not-at-top
+    with mock.patch.dict(sys.modules, {"sentencepiece": None}):
+      with self.assertRaisesRegex(ConfigError, r"big_vision_like\[sentencepiece\]"):
+        tokenizers.build_tokenizer({"name": "sentencepiece", "path": __file__, "max_len": 8})
 
 
 if __name__ == "__main__":

@@ -405,7 +405,11 @@ class TfdsSource:
     """`mask_key` adds a segmentation mask; `mask_map[v]` relabels mask value v
     (e.g. `oxford_iiit_pet` trimaps: mask_key='segmentation_mask',
     mask_map=(255, 1, 0, 255) for pet = 1, background = 0, border ignored)."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    try:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ConfigError("source 'tfds' needs tensorflow-datasets: pip install "
+                        "'big_vision_like[tfds]'") from None
     if not tfds_name:
       raise ConfigError("config.input.tfds_name must name the TFDS dataset, e.g. 'imagenet2012'")
     try:

@@ -111,7 +111,7 @@ class SentencePieceTokenizer(Tokenizer):
       import sentencepiece  # pylint: disable=g-import-not-at-top
     except ImportError:
       raise ConfigError("the sentencepiece tokenizer needs the sentencepiece "
-                        "package: pip install sentencepiece") from None
+                        "package: pip install 'big_vision_like[sentencepiece]'") from None
     self._sp = sentencepiece.SentencePieceProcessor()
     try:
       self._sp.LoadFromSerializedProto(self._proto)
