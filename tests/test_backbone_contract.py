@@ -108,6 +108,20 @@ class ContractTest(parameterized.TestCase):
     with self.assertRaisesRegex(ConfigError, "learned Perceiver position embeddings"):
       learned(images(learned, (4, 4)))
 
+  def test_stages_of_a_hierarchy(self):
+    swin = build("swin")
+    _, out = swin(images(swin))
+    self.assertEqual([s.shape[-1] for s in out["stages"]], list(swin.widths))
+    self.assertEqual(out["stages"][-1].shape[1:3], tuple(swin.grid))
+    _, vit_out = build("vit")(images(build("vit")))
+    self.assertNotIn("stages", vit_out)
+    from big_vision_like.models.heads import HEADS  # pylint: disable=g-import-not-at-top
+    with self.assertRaisesRegex(ConfigError, r"^config.objective.head='fpn' needs a backbone "
+                                             r"that can give the feature map of every stage of "
+                                             r"a hierarchy; config.model.name='vit' cannot "
+                                             r"\(backbones that can: swin\)$"):
+      HEADS.build("fpn", {}, backbone=build("vit"), num_classes=2, rngs=nnx.Rngs(0))
+
   def test_require_names_the_capability_and_who_has_it(self):
     with self.assertRaisesRegex(
         ConfigError, r"^objective 'x' needs a backbone that can encode a subset of its patch "

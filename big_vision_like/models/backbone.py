@@ -12,7 +12,7 @@ Call: `backbone(images [B, H, W, C], *, train=False, rng=None)` returns
   - 'tokens' [B, h*w (+ prefix, see below), width]: final-norm output tokens
     (ViT: one per patch; Swin: the last stage's; Perceiver: its dense
     decoder's per-position logits, when it has one);
-  - 'stages' (Swin) [B, h_i, w_i, widths[i]] per stage, for FPN-style heads.
+  - 'stages' [B, h_i, w_i, widths[i]] per stage, with the 'stages' capability.
 
 Attributes every backbone has: `width` (of 'pre_logits' and 'tokens'),
 `channels`, `image_size` (H, W it was built for), `patch_size`, `grid` (the
@@ -29,6 +29,8 @@ Capabilities (what masked modelling and self-distillation need):
   - 'patch_tokens': 'tokens' are one per patch of `patch_grid`, row-major, so a
     token mask lines up with them (iBOT's patch loss).
   - 'any_image_size': inputs of other sizes than `image_size` (DINO's local crops).
+  - 'stages': a hierarchy: intermediates carry 'stages', `widths` their widths
+    (FPN-style heads).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ CAPABILITIES = {
     "drop_tokens": "encode a subset of its patch tokens",
     "patch_tokens": "output one token per input patch",
     "any_image_size": "take images of another size than it was built for",
+    "stages": "give the feature map of every stage of a hierarchy",
 }
 
 

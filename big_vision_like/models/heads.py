@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from big_vision_like.models import layers
+from big_vision_like.models import backbone as backbone_lib, layers
 from big_vision_like.registry import Registry
 
 HEADS = Registry("head", "config.objective.head")
@@ -70,6 +70,7 @@ class FPNHead(nnx.Module):
 
   def __init__(self, backbone, num_classes: int, *, rngs: nnx.Rngs, dim: int = 64,
                num_heads: int = 2):
+    backbone_lib.require(backbone, "stages", by="config.objective.head='fpn'")
     widths = list(backbone.widths)
     self.laterals = nnx.List([layers.dense(w, dim, ("embed", "mlp"), rngs=rngs)
                               for w in widths])

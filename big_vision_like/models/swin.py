@@ -147,7 +147,7 @@ class Swin(nnx.Module):
   A backbone (models/backbone.py) that takes mask tokens; built for one input
   size, its tokens are those of the last stage (stride patch_size * 2^(stages-1)).
   """
-  capabilities = frozenset({"mask_tokens"})
+  capabilities = frozenset({"mask_tokens", "stages"})
 
   def __init__(self, *, num_classes: int = 0, variant: str | None = None,
                patch_size: int = 4, window_size: int = 7, embed_dim: int | None = None,
