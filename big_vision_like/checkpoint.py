@@ -262,6 +262,28 @@ class Checkpointer:
       raise ConfigError(f"checkpoint {self.path(step)} is corrupt or incomplete: "
                         f"{first_line(e)}") from None
 
+  def read_partial(self, step: int, abstract_subset: dict) -> dict:
+    """Only the leaves of `abstract_subset` (nested dicts of ShapeDtypeStructs with
+    shardings, a subset of the state's tree) from checkpoint `step`, verified against
+    their fingerprints: Orbax's partial restore reads nothing else (no optimiser state).
+    For transfer (`transfer.py`); a checkpoint that fails to verify is a ConfigError."""
+    path = str(workdir_lib.path(self.path(step), "state"))
+    try:
+      with ocp.PyTreeCheckpointer() as reader:
+        restored = reader.restore(path, args=ocp.args.PyTreeRestore(
+            item=abstract_subset, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subset)))
+      expected = self._read_meta(step).get("fingerprint") or {}
+      changed = sorted(n for n, v in fingerprint(restored).items()
+                       if n in expected and expected[n] != v)
+      if changed:
+        raise ValueError(f"{len(changed)} arrays differ from what was written "
+                         f"(first: {changed[0]}): the files were changed after the save")
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(f"checkpoint {self.path(step)} is corrupt or incomplete: "
+                        f"{first_line(e)}") from None
+    return restored
+
   def _read_state(self, step: int, abstract_state: Any, meta: dict) -> Any:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))["state"]

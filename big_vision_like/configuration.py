@@ -70,6 +70,16 @@ def defaults() -> ml_collections.ConfigDict:
   c.optim.ema_decay = OPTIONAL_FLOAT()
   c.optim.grad_accum_steps = 1
 
+  # Start from another run's checkpoint at step 0 (transfer.py; a resume ignores it).
+  # path: a workdir of this codebase, `DIR:STEP` for another step than its newest;
+  # source / target: subtrees ('backbone', 'teacher/backbone'), '' = each objective's
+  # backbone; skip: regexes of target parameter paths left at their init.
+  c.init = ml_collections.ConfigDict()
+  c.init.path = ""
+  c.init.source = ""
+  c.init.target = ""
+  c.init.skip = ()
+
   # name -> evaluator config; data fields default to config.input's.
   c.evals = ml_collections.ConfigDict()
 

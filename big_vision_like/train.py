@@ -23,7 +23,7 @@ from absl import logging
 from flax import nnx
 
 from big_vision_like import checkpoint as checkpoint_lib
-from big_vision_like import configuration, cpu_allocator, data, optim, preflight
+from big_vision_like import configuration, cpu_allocator, data, optim, preflight, transfer
 from big_vision_like import evaluators as evaluators_lib
 from big_vision_like.evaluators import EVALUATORS
 from big_vision_like.metrics import MetricWriter
@@ -383,6 +383,8 @@ def _run(config, workdir: str, term: _Terminate) -> dict[str, float]:
       saved = {}
       if restored is None:
         state, start = trainer.init_state(), 0
+        if config.init.path:  # step 0 only: a resume restores the run's own checkpoint
+          state = transfer.apply(config, trainer, state)
         logging.info("Starting from scratch: %d steps (%.1f epochs of %d examples).",
                      trainer.total_steps, trainer.total_steps / steps_per_epoch,
                      len(train_source))

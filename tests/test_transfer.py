@@ -1,0 +1,201 @@
+"""config.init: starting a run from another run's checkpoint (transfer.py), at step 0
+only: what is loaded, left at init, resampled or refused, and that a resume ignores it."""
+import importlib
+import json
+import os
+import shutil
+import sys
+
+import jax
+import numpy as np
+from absl.testing import absltest
+
+from big_vision_like import checkpoint as checkpoint_lib
+from big_vision_like import train, transfer
+from big_vision_like.models import layers
+from big_vision_like.parallel import mesh as mesh_lib
+from big_vision_like.parallel import sharding
+from big_vision_like.registry import ConfigError
+from tests import helpers
+
+sys.path.insert(0, helpers.REPO)
+
+# A tiny supervised ViT with a learned position embedding (8x8 grid, patch 1).
+SOURCE = {"model.posemb": "learn", "optim.warmup_steps": 0, "total_steps": 2,
+          "checkpoint_every_steps": 1, "keep_checkpoints": 10}
+
+
+def tiny(**overrides):
+  config = helpers.tiny_config(**{**SOURCE, **overrides})
+  config.evals = {}
+  return config
+
+
+def initialised(config):
+  """(fresh init state, state after config.init) of a run of `config`, as train._run
+  makes them."""
+  mesh = mesh_lib.make_mesh(mesh_lib.config_axes(config))
+  with jax.set_mesh(mesh), sharding.use_rules(config.sharding_rules):
+    trainer = train.Trainer(config, mesh, steps_per_epoch=1)
+    fresh = jax.device_get(trainer.init_state())
+    return fresh, transfer.apply(config, trainer, trainer.init_state())
+
+
+def flat(state, section="params"):
+  """{path under `section`: numpy array}, paths as the checkpoint names them."""
+  return {name.removeprefix(section + "/"): np.asarray(v)
+          for name, v in checkpoint_lib._flat(jax.device_get(state)).items()  # pylint: disable=protected-access
+          if name.startswith(section + "/")}
+
+
+class TransferTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.root = absltest.get_default_test_tmpdir() + "/transfer"
+    shutil.rmtree(cls.root, ignore_errors=True)
+    cls.source = os.path.join(cls.root, "supervised")
+    train.train_and_evaluate(tiny(), cls.source)
+    cls.saved = flat(helpers.restore_state(cls.source, 2)[1])
+    cls.saved_step1 = flat(helpers.restore_state(cls.source, 1)[1])
+
+  def init(self, **overrides):
+    return tiny(**{"init.path": self.source, "seed": 1, **overrides})
+
+  def test_backbone_is_loaded_and_another_head_left_at_init(self):
+    config = self.init(**{"model.num_classes": 12, "optim.ema_decay": 0.9})
+    with self.assertLogs(level="INFO") as logs:
+      fresh, state = initialised(config)
+    params, before = flat(state), flat(fresh)
+    backbone = [n for n in params if not n.startswith("backbone/head/")]
+    self.assertLen(backbone, len(self.saved) - 2)
+    for name in backbone:
+      np.testing.assert_array_equal(params[name], self.saved[name], err_msg=name)
+    self.assertFalse(np.array_equal(before["backbone/embedding/kernel/value"],  # seed 1
+                                    self.saved["backbone/embedding/kernel/value"]))
+    self.assertEqual(params["backbone/head/kernel/value"].shape, (16, 12))
+    np.testing.assert_array_equal(params["backbone/head/kernel/value"], 0)
+    np.testing.assert_array_equal(params["backbone/head/kernel/value"],
+                                  before["backbone/head/kernel/value"])
+    ema = flat(state, "ema_params")
+    for name in params:
+      np.testing.assert_array_equal(ema[name], params[name], err_msg=name)
+    table = "\n".join(logs.output)
+    self.assertIn("Initialised from " + os.path.join(self.source, "checkpoints", "2"), table)
+    self.assertRegex(table, r"loaded\s+%d  backbone/" % len(backbone))
+    self.assertRegex(table, r"left at init\s+2  backbone/head/bias \(classes 10 -> 12\)")
+    self.assertRegex(table, r"skipped\s+0")
+
+  def test_a_step_and_skip(self):
+    config = self.init(**{"init.path": self.source + ":1", "init.skip": ("embedding",)})
+    with self.assertLogs(level="INFO") as logs:
+      fresh, state = initialised(config)
+    params, before = flat(state), flat(fresh)
+    for name in params:
+      want = before if "embedding" in name else self.saved_step1
+      np.testing.assert_array_equal(params[name], want[name], err_msg=name)
+    self.assertFalse(np.array_equal(self.saved_step1["backbone/norm/scale/value"],
+                                    self.saved["backbone/norm/scale/value"]))
+    self.assertRegex("\n".join(logs.output), r"skipped\s+3  backbone/embedding/bias, ")
+
+  def test_mae_backbone_into_supervised(self):
+    mae = importlib.import_module("configs.mae_cifar10").get_config("smoke")
+    mae.total_steps, mae.checkpoint_every_steps, mae.evals = 2, 2, {}
+    mae.optim.warmup_steps = 0
+    workdir = os.path.join(self.root, "mae")
+    train.train_and_evaluate(mae, workdir)
+    saved = flat(helpers.restore_state(workdir)[1])
+    config = tiny(**{"init.path": workdir, "model.patch_size": 2, "model.pool": "gap"})
+    with self.assertLogs(level="INFO") as logs:
+      _, state = initialised(config)
+    params = flat(state)
+    mae_backbone = [n for n in saved if n.startswith("backbone/")]
+    self.assertNotEmpty(mae_backbone)
+    for name in mae_backbone:
+      np.testing.assert_array_equal(params[name], saved[name], err_msg=name)
+    self.assertRegex("\n".join(logs.output),
+                     r"left at init\s+2  backbone/head/bias \(not in the source\)")
+
+  def test_dino_teacher_backbone_into_supervised(self):
+    dino = importlib.import_module("configs.dino_cifar10").get_config("smoke")
+    dino.total_steps, dino.checkpoint_every_steps, dino.evals = 2, 2, {}
+    dino.optim.warmup_steps = 0
+    workdir = os.path.join(self.root, "dino")
+    train.train_and_evaluate(dino, workdir)
+    saved = flat(helpers.restore_state(workdir)[1], "other")
+    student = flat(helpers.restore_state(workdir)[1])
+    self.assertFalse(np.array_equal(student["student/backbone/embedding/kernel/value"],
+                                    saved["teacher/backbone/embedding/kernel/value"]))
+    config = tiny(**{"init.path": workdir, "model.patch_size": 2, "model.pool": "cls"})
+    with self.assertLogs(level="INFO") as logs:
+      _, state = initialised(config)
+    params = flat(state)
+    teacher = [n for n in saved if n.startswith("teacher/backbone/")]
+    self.assertNotEmpty(teacher)
+    for name in teacher:  # the teacher's, as DINO evaluates, not the student's
+      np.testing.assert_array_equal(params[name.removeprefix("teacher/")], saved[name],
+                                    err_msg=name)
+    self.assertIn("'teacher/backbone' -> 'backbone'", "\n".join(logs.output))
+
+  def test_learned_position_embedding_is_resampled_to_a_new_grid(self):
+    config = self.init(**{"model.image_size": 12})
+    with self.assertLogs(level="INFO") as logs:
+      _, state = initialised(config)
+    got = flat(state)["backbone/pos_embedding/value"]
+    want = layers.resample_posemb(self.saved["backbone/pos_embedding/value"], (8, 8), (12, 12))
+    self.assertEqual(got.shape, (1, 144, 16))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    self.assertRegex("\n".join(logs.output), r"resampled\s+1  backbone/pos_embedding "
+                     r"\(grid 8x8 -> 12x12, bilinear\)")
+
+  def test_another_shape_is_a_one_line_error(self):
+    with self.assertRaisesRegex(ConfigError, r"^config.init: backbone/blocks/0/mlp/\S+ has "
+                                r"shape \([\d, ]*32[\d, ]*\) in .* but "
+                                r"\([\d, ]*48[\d, ]*\) in this run; [^\n]*$"):
+      initialised(self.init(**{"model.mlp_dim": 48}))
+
+  def test_bad_input_is_a_one_line_error(self):
+    not_a_run = self.create_tempdir().full_path
+    cases = {
+        os.path.join(not_a_run, "nope"): "no such directory",
+        not_a_run: "is not a workdir of this codebase .*no config.json and no checkpoints",
+        self.source + ":7": r"no checkpoint 7 in .*; it has 1, 2$",
+    }
+    for path, message in cases.items():
+      with self.assertRaisesRegex(ConfigError, message):
+        initialised(self.init(**{"init.path": path}))
+    with self.assertRaisesRegex(ConfigError, r"config.init.source='nope' is not in the "
+                                r"checkpoint .*; it has: backbone$"):
+      initialised(self.init(**{"init.source": "nope"}))
+    with self.assertRaisesRegex(ConfigError, r"config.init.target='backbone/nope' is not in "
+                                r"this run .*; it has: backbone/blocks, backbone/embedding"):
+      initialised(self.init(**{"init.target": "backbone/nope"}))
+    with self.assertRaisesRegex(ConfigError, r"config.init.skip regex 'hed' matches no "
+                                r"parameter of 'backbone' in this run$"):
+      initialised(self.init(**{"init.skip": ("head", "hed")}))
+
+  def test_a_resume_restores_its_own_checkpoint_not_the_init(self):
+    config = self.init(**{"model.num_classes": 12})
+    straight = os.path.join(self.root, "finetune")
+    with self.assertLogs(level="INFO") as logs:
+      train.train_and_evaluate(config, straight)
+    self.assertTrue(any("Initialised from" in m for m in logs.output))
+    with open(os.path.join(straight, "config.json")) as f:
+      self.assertEqual(json.load(f)["init"]["path"], self.source)
+    # What a run killed after its step-1 checkpoint leaves behind.
+    resumed = os.path.join(self.root, "finetune_resumed")
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "2"))
+    with self.assertLogs(level="INFO") as logs:
+      train.train_and_evaluate(config, resumed)
+    self.assertFalse(any("Initialised from" in m for m in logs.output))
+    self.assertTrue(any("Resumed from" in m for m in logs.output), logs.output[:5])
+    a, b = helpers.restore_state(straight, 2)[1], helpers.restore_state(resumed, 2)[1]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(x, y)
+    self.assertEqual(helpers.train_losses(straight), helpers.train_losses(resumed))
+
+
+if __name__ == "__main__":
+  absltest.main()
