@@ -48,6 +48,16 @@ def flat(state, section="params"):
           if name.startswith(section + "/")}
 
 
+
+def pretrain(config_name: str, root: str) -> str:
+  """Two steps of a bundled config's smoke setting, checkpointed, no evaluators."""
+  config = importlib.import_module(f"configs.{config_name}").get_config("smoke")
+  config.total_steps, config.checkpoint_every_steps, config.evals = 2, 2, {}
+  config.optim.warmup_steps = 0
+  workdir = os.path.join(root, config_name.split("_")[0])
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
 class TransferTest(absltest.TestCase):
 
   @classmethod
@@ -100,11 +110,7 @@ class TransferTest(absltest.TestCase):
     self.assertRegex("\n".join(logs.output), r"skipped\s+3  backbone/embedding/bias, ")
 
   def test_mae_backbone_into_supervised(self):
-    mae = importlib.import_module("configs.mae_cifar10").get_config("smoke")
-    mae.total_steps, mae.checkpoint_every_steps, mae.evals = 2, 2, {}
-    mae.optim.warmup_steps = 0
-    workdir = os.path.join(self.root, "mae")
-    train.train_and_evaluate(mae, workdir)
+    workdir = pretrain("mae_cifar10", self.root)
     saved = flat(helpers.restore_state(workdir)[1])
     config = tiny(**{"init.path": workdir, "model.patch_size": 2, "model.pool": "gap"})
     with self.assertLogs(level="INFO") as logs:
@@ -118,11 +124,7 @@ class TransferTest(absltest.TestCase):
                      r"left at init\s+2  backbone/head/bias \(not in the source\)")
 
   def test_dino_teacher_backbone_into_supervised(self):
-    dino = importlib.import_module("configs.dino_cifar10").get_config("smoke")
-    dino.total_steps, dino.checkpoint_every_steps, dino.evals = 2, 2, {}
-    dino.optim.warmup_steps = 0
-    workdir = os.path.join(self.root, "dino")
-    train.train_and_evaluate(dino, workdir)
+    workdir = pretrain("dino_cifar10", self.root)
     saved = flat(helpers.restore_state(workdir)[1], "other")
     student = flat(helpers.restore_state(workdir)[1])
     self.assertFalse(np.array_equal(student["student/backbone/embedding/kernel/value"],
