@@ -135,6 +135,7 @@ class Trainer:
     with jax.sharding.use_abstract_mesh(_NO_MESH), nnx.use_eager_sharding(False):
       abstract = nnx.eval_shape(
           lambda: build_objective(config, config.seed, self.total_steps))
+    self.abstract_objective = abstract  # shapes only; transfer maps onto it
     self.graphdef, abs_params, abs_other = _split(abstract)
     self.label_ranges = abstract.label_ranges()
     self.tx, self.lr_fn = optim.build(config.optim, abs_params, self.total_steps,

@@ -62,6 +62,12 @@ def _name(keys) -> str:
   return "/".join(str(k) for k in keys)
 
 
+def _keys(path) -> tuple:
+  """A tree path as plain keys, list indices as ints (as module attributes index)."""
+  keys = (checkpoint_lib._key(k) for k in path)  # pylint: disable=protected-access
+  return tuple(int(k) if k.isdigit() else k for k in keys)
+
+
 def read_source_config(workdir: str) -> ml_collections.ConfigDict:
   """The source run's config, from the config.json it wrote; one-line errors for a
   directory that is not a workdir of this codebase."""
@@ -91,8 +97,7 @@ def _leaves(tree, section: str, prefix: tuple) -> dict[tuple, tuple]:
   under `prefix` (paths without nnx's trailing 'value')."""
   found = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    keys = tuple(checkpoint_lib._key(k) for k in path)  # pylint: disable=protected-access
-    keys = tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in keys)
+    keys = _keys(path)
     inner = keys[:-1] if keys and keys[-1] == "value" else keys
     if inner[:len(prefix)] == prefix:
       found[inner[len(prefix):]] = ((section,) + keys, leaf)
@@ -162,7 +167,7 @@ def apply(config, trainer, state: dict) -> dict:
 
 def _apply(config, trainer, state, source_config, reader, step):
   source_obj = _abstract_objective(source_config)
-  target_obj = _abstract_objective(config)
+  target_obj = trainer.abstract_objective
   source = _subtree(config.init.source) or tuple(source_obj.backbone_path)
   target = _subtree(config.init.target) or tuple(target_obj.backbone_path)
   _, src_params, src_other = nnx.split(source_obj, source_obj.trainable, ...)
@@ -232,8 +237,7 @@ def _apply(config, trainer, state, source_config, reader, step):
 
   def replace(section, tree):
     def one(path, leaf):
-      full = (section,) + tuple(checkpoint_lib._key(k) for k in path)  # pylint: disable=protected-access
-      full = tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in full)
+      full = (section,) + _keys(path)
       if full not in moves:
         return leaf
       src_full, _, grids = moves[full]
@@ -262,8 +266,4 @@ def _apply(config, trainer, state, source_config, reader, step):
 
 
 def _flat_by_keys(tree) -> dict[tuple, jax.Array]:
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    keys = tuple(checkpoint_lib._key(k) for k in path)  # pylint: disable=protected-access
-    out[tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in keys)] = leaf
-  return out
+  return {_keys(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
