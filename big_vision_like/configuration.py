@@ -32,6 +32,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.total_epochs = OPTIONAL_FLOAT()
   c.log_every_steps = 50
   c.eval_every_steps = 500
+  c.eval_at_start = False  # also evaluate the initial state (a fine-tuning's start point)
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
   c.async_checkpoints = True
@@ -58,7 +59,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
-  c.optim.momentum = 0.9  # sgd only
+  c.optim.momentum = 0.9  # sgd and lars
+  c.optim.trust_coefficient = 0.001  # lars only
   c.optim.weight_decay = 0.05
   c.optim.wd_exclude = ("pos_embedding", "cls_token", "probe")  # regexes on param paths
   c.optim.clip_norm = 1.0
@@ -69,6 +71,12 @@ def defaults() -> ml_collections.ConfigDict:
   c.optim.layer_decay = OPTIONAL_FLOAT()
   c.optim.ema_decay = OPTIONAL_FLOAT()
   c.optim.grad_accum_steps = 1
+  # Regexes on parameter paths ('backbone/', 'backbone/blocks/[0-5]/'): frozen ones
+  # get no gradient, no optimiser state and no weight decay.
+  c.optim.frozen = ()
+  # ((regex, factor), ...): learning-rate multipliers, the first match wins
+  # (('^backbone/', 0.1),); they multiply layer_decay's.
+  c.optim.lr_mult = ()
 
   # Start from another run's checkpoint at step 0 (transfer.py; a resume ignores it).
   # path: a workdir of this codebase, `DIR:STEP` for another step than its newest;

@@ -1,7 +1,11 @@
-"""optax optimiser from config.optim: AdamW, warm-up + decay, masks, clipping, layer decay.
+"""optax optimiser from config.optim: AdamW / SGD / LARS, warm-up + decay, masks,
+clipping, layer decay, per-group learning-rate multipliers.
 
 Durations may be given in steps or epochs (`warmup_steps` or `warmup_epochs`);
-the trainer resolves epochs with the training set size.
+the trainer resolves epochs with the training set size. Frozen parameters
+(`config.optim.frozen`) never reach the optimiser: the trainer keeps them out
+of the differentiated parameters (`frozen_filter`), so they have no gradient,
+no optimiser state and no weight decay.
 """
 from __future__ import annotations
 
@@ -38,8 +42,28 @@ def schedule(optim: Any, total_steps: int, steps_per_epoch: int) -> optax.Schedu
 
 
 def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                  for k in path)
+  """'backbone/blocks/0/attn/query/kernel' (without nnx's trailing 'value')."""
+  names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+  return "/".join(names[:-1] if names and names[-1] == "value" else names)
+
+
+def frozen_filter(patterns: Sequence[str]):
+  """An nnx filter: the parameters whose path matches one of these regexes."""
+  compiled = [re.compile(p) for p in patterns]
+  return lambda path, _: any(p.search("/".join(map(str, path))) for p in compiled)
+
+
+def check_patterns(patterns: Sequence[str], names: Sequence[str], field: str) -> None:
+  """A regex that matches no parameter is a typo: one-line error naming it."""
+  for pattern in patterns:
+    try:
+      compiled = re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(f"{field}: {pattern!r} is not a regex ({e})") from None
+    if not any(compiled.search(n) for n in names):
+      shown = ", ".join(names[:3])
+      raise ConfigError(f"{field}: {pattern!r} matches no parameter (they are named like "
+                        f"{shown}, ...)")
 
 
 def decay_mask(params: Any, exclude: Sequence[str]) -> Any:
@@ -84,6 +108,19 @@ def layer_scales(params: Any, decay: float) -> Any:
   return jax.tree_util.tree_map_with_path(scale, params)
 
 
+def lr_multipliers(params: Any, rules: Sequence[Sequence[Any]]) -> Any:
+  """Per-parameter factors from config.optim.lr_mult ((regex, factor), ...): the
+  first rule whose regex matches the path, else 1."""
+  rules = [(re.compile(pattern), float(factor)) for pattern, factor in rules]
+
+  def factor(path, leaf):
+    del leaf
+    name = _path_str(path)
+    return jnp.float32(next((f for p, f in rules if p.search(name)), 1.0))
+
+  return jax.tree_util.tree_map_with_path(factor, params)
+
+
 def _scale_by_tree(scales: Any) -> optax.GradientTransformation:
   def update(updates, state, params=None):
     del params
@@ -92,7 +129,7 @@ def _scale_by_tree(scales: Any) -> optax.GradientTransformation:
 
 
 def build(optim: Any, params: Any, total_steps: int, steps_per_epoch: int):
-  """Returns (optax transformation, learning-rate schedule)."""
+  """Returns (optax transformation, learning-rate schedule) for the trainable `params`."""
   lr = schedule(optim, total_steps, steps_per_epoch)
   name = optim.get("name", "adamw")
   parts = []
@@ -103,12 +140,32 @@ def build(optim: Any, params: Any, total_steps: int, steps_per_epoch: int):
                                      eps=optim.get("eps", 1e-8)))
   elif name == "sgd":
     parts.append(optax.trace(decay=optim.get("momentum", 0.9), nesterov=False))
-  else:
-    raise ConfigError(f"config.optim.name={name!r}; valid: adamw, sgd")
+  elif name != "lars":
+    raise ConfigError(f"config.optim.name={name!r}; valid: adamw, sgd, lars")
   if optim.get("weight_decay"):
     parts.append(optax.add_decayed_weights(
         optim.weight_decay, mask=decay_mask(params, optim.get("wd_exclude", ()))))
+  if name == "lars":
+    # optax.lars's order: decay, layer-wise trust ratio, learning rate, momentum;
+    # as in MAE's LARS, biases and norms (1-d) get no trust ratio.
+    parts.append(optax.masked(
+        optax.scale_by_trust_ratio(trust_coefficient=optim.get("trust_coefficient", 0.001),
+                                   eps=0.0),
+        jax.tree.map(lambda p: p.ndim > 1, params)))
+  rules = tuple(optim.get("lr_mult", ()) or ())
+  if rules:
+    for i, rule in enumerate(rules):
+      if len(rule) != 2:
+        raise ConfigError(f"config.optim.lr_mult[{i}]={tuple(rule)!r}: want (regex, factor)")
+    check_patterns([r[0] for r in rules], param_names(params), "config.optim.lr_mult")
+    parts.append(_scale_by_tree(lr_multipliers(params, rules)))
   if optim.get("layer_decay"):
     parts.append(_scale_by_tree(layer_scales(params, optim.layer_decay)))
   parts.append(optax.scale_by_learning_rate(lr))
+  if name == "lars":
+    parts.append(optax.trace(decay=optim.get("momentum", 0.9), nesterov=False))
   return optax.chain(*parts), lr
+
+
+def param_names(params: Any) -> list[str]:
+  return [_path_str(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from flax import nnx
@@ -77,9 +78,42 @@ def _objective_view(config, reads: tuple[str, ...]) -> ml_collections.ConfigDict
   return ml_collections.ConfigDict(view)
 
 
-def _split(objective):
-  """graphdef, trainable params, and everything else (objective state)."""
-  return nnx.split(objective, objective.trainable, ...)
+def _split(objective, frozen=None):
+  """graphdef, trainable params, and everything else (objective state, and the
+  parameters the `frozen` filter takes out: no gradient, no optimiser state)."""
+  trainable = objective.trainable
+  if frozen is not None:
+    trainable = nnx.All(trainable, nnx.Not(frozen))
+  return nnx.split(objective, trainable, ...)
+
+
+def frozen_of(config):
+  """The nnx filter of config.optim.frozen, or None."""
+  patterns = tuple(config.optim.get("frozen", ()) or ())
+  return optim.frozen_filter(patterns) if patterns else None
+
+
+def check_frozen(config, abstract) -> None:
+  """Each config.optim.frozen regex matches a trainable parameter of `abstract`."""
+  if config.optim.get("frozen"):
+    every = nnx.state(abstract, abstract.trainable)
+    optim.check_patterns(config.optim.frozen, optim.param_names(every), "config.optim.frozen")
+
+
+def _check_before_writing(config, workdir: str):
+  """Refuses what the config alone shows is wrong before the workdir is touched
+  (frozen regexes, config.init); returns the init plan of a run that starts now."""
+  if not (config.optim.get("frozen") or config.init.path):
+    return None
+  abstract = transfer._abstract_objective(config)  # pylint: disable=protected-access
+  check_frozen(config, abstract)
+  if config.init.path and not transfer.has_checkpoint(workdir):
+    return transfer.plan(config, abstract)
+  return None
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def resolve_steps(config, steps_per_epoch: int) -> int:
@@ -136,7 +170,10 @@ class Trainer:
       abstract = nnx.eval_shape(
           lambda: build_objective(config, config.seed, self.total_steps))
     self.abstract_objective = abstract  # shapes only; transfer maps onto it
-    self.graphdef, abs_params, abs_other = _split(abstract)
+    self.frozen = frozen_of(config)
+    check_frozen(config, abstract)
+    self.graphdef, abs_params, abs_other = self._split(abstract)
+    self._log_trainable(abstract, abs_params)
     self.label_ranges = abstract.label_ranges()
     self.tx, self.lr_fn = optim.build(config.optim, abs_params, self.total_steps,
                                       steps_per_epoch)
@@ -163,12 +200,22 @@ class Trainer:
     self.train_step = jax.jit(self._train_step, donate_argnums=(0,),
                               out_shardings=(self.state_shardings, replicated))
 
+  def _split(self, objective):
+    return _split(objective, self.frozen)
+
+  def _log_trainable(self, abstract, params) -> None:
+    total, trained = _count(nnx.state(abstract, nnx.Param)), _count(params)
+    frozen = (f"; frozen by config.optim.frozen: "
+              f"{_count(nnx.state(abstract, nnx.All(abstract.trainable, self.frozen))):,}"
+              if self.frozen is not None else "")
+    logging.info("Training %s of %s parameters%s.", f"{trained:,}", f"{total:,}", frozen)
+
   # -- pure functions, jitted above -----------------------------------------
 
   def _init_state(self):
     with nnx.use_eager_sharding(False):
       objective = build_objective(self.config, self.config.seed, self.total_steps)
-    _, params, other = _split(objective)
+    _, params, other = self._split(objective)
     state = {
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(jax.random.key(self.config.seed)),
@@ -185,7 +232,7 @@ class Trainer:
       # update its state (a DINO centre) inside the differentiated function.
       objective = nnx.merge(self.graphdef, params, other, copy=True)
       loss, metrics = objective.loss(batch, rng=rng, train=True)
-      _, _, other = _split(objective)
+      _, _, other = self._split(objective)
       return loss, (metrics, other)
 
     (loss, (metrics, other)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -242,7 +289,7 @@ class Trainer:
 
     objective = nnx.merge(self.graphdef, new_params, other)
     objective.after_update(step)
-    _, new_params, other = _split(objective)
+    _, new_params, other = self._split(objective)
 
     new_state = dict(state, step=step + 1, params=new_params, other=other,
                      opt_state=opt_state,
@@ -337,6 +384,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train_and_evaluate(config, workdir: str, term: _Terminate) -> dict[str, float]:
   configuration.validate(config)
+  init_plan = _check_before_writing(config, workdir)
   lock, error = None, None
   if jax.process_index() == 0:
     try:
@@ -347,13 +395,13 @@ def _train_and_evaluate(config, workdir: str, term: _Terminate) -> dict[str, flo
     raise error or ConfigError(f"process 0 could not claim --workdir={workdir} (its log "
                                f"says why)")
   try:
-    return _run(config, workdir, term)
+    return _run(config, workdir, term, init_plan)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _run(config, workdir: str, term: _Terminate) -> dict[str, float]:
+def _run(config, workdir: str, term: _Terminate, init_plan=None) -> dict[str, float]:
   mesh = mesh_lib.make_mesh(mesh_lib.config_axes(config))
   logging.info("Mesh %s over %d devices (%s), %d process(es).", dict(mesh.shape),
                jax.device_count(), jax.devices()[0].platform, jax.process_count())
@@ -385,7 +433,7 @@ def _run(config, workdir: str, term: _Terminate) -> dict[str, float]:
       if restored is None:
         state, start = trainer.init_state(), 0
         if config.init.path:  # step 0 only: a resume restores the run's own checkpoint
-          state = transfer.apply(config, trainer, state)
+          state = transfer.apply(config, trainer, state, init_plan)
         logging.info("Starting from scratch: %d steps (%.1f epochs of %d examples).",
                      trainer.total_steps, trainer.total_steps / steps_per_epoch,
                      len(train_source))
@@ -480,6 +528,8 @@ def _loop(config, trainer, state, start, iterator, evaluators, ckpt, writer, mes
             and distributed.any_process(jax.process_index() == 0 and not logged(name))]
   if missed:
     _evaluate(missed, evaluators, trainer, state, writer, start, total)
+  if start == 0 and config.eval_at_start:  # what config.init loaded, before any step
+    _evaluate(list(evaluators), evaluators, trainer, state, writer, 0, total)
   mark_time, mark_step, excluded = time.perf_counter(), start, 0.0
   first_step_time = None
   for step in range(start + 1, total + 1):

@@ -1,26 +1,34 @@
-"""Start a run from another run's checkpoint: `config.init`, applied at step 0 only.
+"""Start a run from a pre-trained checkpoint: `config.init`, applied at step 0 only.
 
 Pre-train, then transfer: a run of any objective can start from the encoder of
-another run of this codebase (`config.init.path`, a workdir; `DIR:STEP` for
-another step than its newest). A resume never reads `init`: it restores the
-run's own checkpoint (train.py calls `apply` only when there is none).
+another run of this codebase, or of a HuggingFace / timm checkpoint directory.
+`config.init.path` is detected by what it is:
+  - a workdir of this codebase (its newest checkpoint; `DIR:STEP` for another).
+    Its `config.json` says how to build its objective; an abstract build (no
+    arrays) gives the checkpoint's tree, and Orbax's partial restore
+    (`Checkpointer.read_partial`) reads just the parameters that are loaded,
+    verified against their fingerprints. A run that kept EMA parameters is read
+    from them (what it evaluated);
+  - a checkpoint directory as `huggingface-cli download` leaves it (config.json +
+    safetensors; `models/hf_checkpoint.py` reads and converts it, no torch).
 
-What is read: the source run's `config.json` says how to build its objective;
-an abstract build of it (no optimiser, no arrays) gives the checkpoint's tree,
-and Orbax's partial restore (`PyTreeRestore(partial_restore=True)`, through
-`Checkpointer.read_partial`) reads just the parameters that are loaded,
-verified against the checkpoint's fingerprints. A source run that kept EMA
-parameters is read from them (what it evaluated).
+`plan` decides everything from shapes before anything is written to the
+workdir (train.py calls it before claiming the workdir, and only for a run
+that has no checkpoint yet: a resume restores its own and never reads `init`);
+`apply` then reads the arrays into the fresh state.
 
 Which part goes where: `config.init.source` of the checkpoint (default: its
 objective's `backbone_path`, DINO's teacher) into `config.init.target` of this
-run (default: this objective's `backbone_path`), in its trainable params and
-its other state alike. Leaf by leaf, by relative path:
+run (default: this objective's `init_targets`, its backbone; DINO's student
+and teacher), in its trainable params and its other state alike (frozen
+parameters included). Leaf by leaf, by relative path:
   - same path and shape: loaded (cast to this run's dtype);
   - a classification head ('head' in the path) whose class count differs:
     left at init (zero-initialised), logged;
-  - a learned position embedding of another token grid: resampled bilinearly
-    (`models.layers.resample_posemb`), logged;
+  - a learned position embedding of another token grid: resampled, logged:
+    bicubic as torch computes it for HF checkpoints (as transformers'
+    `interpolate_pos_encoding`), with antialiasing for timm's (as its
+    `resample_abs_pos_embed`), bilinear for ours (as our ViT at another size);
   - any other shape difference: a one-line ConfigError with both shapes;
   - no such parameter in the source, or a `config.init.skip` regex matches
     its path ('backbone/head/kernel'): left at init, logged (a regex that
@@ -28,22 +36,26 @@ its other state alike. Leaf by leaf, by relative path:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-from typing import Any
+import types
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 from flax import nnx
 
 from big_vision_like import checkpoint as checkpoint_lib
 from big_vision_like import workdir as workdir_lib
-from big_vision_like.models import layers
+from big_vision_like.models import MODELS, layers
 from big_vision_like.registry import ConfigError, first_line
 
 _SHOWN = 4  # names shown per row of the log table
+_ROWS = ("loaded", "resampled", "left at init", "skipped")
 
 
 def split_path(spec: str) -> tuple[str, int | None]:
@@ -68,21 +80,55 @@ def _keys(path) -> tuple:
   return tuple(int(k) if k.isdigit() else k for k in keys)
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir` holds a checkpoint already (a resume), read without writing."""
+  directory = workdir_lib.path(workdir, "checkpoints")
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+# -- sources ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Source:
+  """What `config.init.path` holds, as shapes: enough to plan without reading arrays."""
+  where: str  # the checkpoint's path, for the log and errors
+  summary: str  # "objective 'mae'", "HF ViTModel (model_type 'vit')"
+  model: dict  # its config.model: hints when this run's differs
+  objective: Any  # abstract: `backbone_path`, and module grids for resampling
+  sections: dict[str, Any]  # section name -> tree of shapes, as the checkpoint names them
+  read: Callable[[dict], dict]  # {full key: ShapeDtypeStruct} -> {full key: array}
+  resample: str  # the position-embedding resampling of this family
+
+
 def read_source_config(workdir: str) -> ml_collections.ConfigDict:
-  """The source run's config, from the config.json it wrote; one-line errors for a
-  directory that is not a workdir of this codebase."""
+  """The source run's config, from the config.json it wrote."""
   where = f"config.init.path={workdir!r}"
-  root = workdir_lib.path(workdir)
-  if not root.is_dir():
-    raise ConfigError(f"{where}: no such directory")
-  missing = [n for n in ("config.json", "checkpoints") if not (root / n).exists()]
-  if missing:
-    raise ConfigError(f"{where} is not a workdir of this codebase (it has no "
-                      f"{' and no '.join(missing)})")
   try:
-    return ml_collections.ConfigDict(json.loads((root / "config.json").read_text()))
+    text = workdir_lib.path(workdir, "config.json").read_text()
+    return ml_collections.ConfigDict(json.loads(text))
   except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(f"{where}: cannot read its config.json: {first_line(e)}") from None
+
+
+def open_source(spec: str) -> Source:
+  """The Source that `config.init.path=spec` names; one-line errors for anything else."""
+  directory, step = split_path(spec)
+  where = f"config.init.path={spec!r}"
+  root = workdir_lib.path(directory)
+  if not root.is_dir():
+    raise ConfigError(f"{where}: no such directory")
+  if (root / "checkpoints").is_dir() and (root / "config.json").exists():
+    return _workdir_source(spec, directory, step)
+  from big_vision_like.models import hf_checkpoint  # pylint: disable=g-import-not-at-top
+  if hf_checkpoint.is_checkpoint_directory(root):
+    if step is not None:
+      raise ConfigError(f"{where}: a HuggingFace / timm checkpoint directory has no steps")
+    return _hf_source(directory)
+  raise ConfigError(f"{where} is neither a workdir of this codebase (config.json + "
+                    f"checkpoints/) nor a HuggingFace / timm checkpoint directory "
+                    f"(config.json + *.safetensors); it has: "
+                    f"{', '.join(sorted(p.name for p in root.iterdir())[:8]) or 'nothing'}")
 
 
 def _abstract_objective(config):
@@ -92,9 +138,72 @@ def _abstract_objective(config):
     return nnx.eval_shape(lambda: train.build_objective(config, config.seed, 1))
 
 
+def _state_sections(config, objective) -> dict[str, Any]:
+  """{'params': trainable, 'other': the rest} of `objective` as its runs save them."""
+  from big_vision_like import train  # pylint: disable=g-import-not-at-top
+  _, params, other = train._split(objective, train.frozen_of(config))  # pylint: disable=protected-access
+  return {"params": params, "other": other}
+
+
+def _workdir_source(spec: str, directory: str, step: int | None) -> Source:
+  config = read_source_config(directory)
+  checkpoints = str(workdir_lib.path(directory, "checkpoints"))
+  reader = checkpoint_lib.Checkpointer(checkpoints, asynchronous=False, read_only=True)
+  try:
+    steps = reader.all_steps()
+  finally:
+    reader.close()
+  if not steps:
+    raise ConfigError(f"config.init.path={spec!r}: {checkpoints} holds no checkpoint yet")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ConfigError(f"config.init.path={spec!r}: no checkpoint {step} in {checkpoints}; "
+                      f"it has {', '.join(map(str, steps))}")
+  objective = _abstract_objective(config)
+  sections = _state_sections(config, objective)
+  if config.get("optim", {}).get("ema_decay"):  # what the run evaluated
+    sections["ema_params"] = sections.pop("params")
+
+  def read(abstract: dict) -> dict:
+    ckpt = checkpoint_lib.Checkpointer(checkpoints, asynchronous=False, read_only=True)
+    try:
+      return _flat_by_keys(ckpt.read_partial(step, _nested(abstract)))
+    finally:
+      ckpt.close()
+
+  return Source(where=f"{checkpoints}/{step}", summary=f"objective {config.objective.name!r}",
+                model=config.model.to_dict(), objective=objective, sections=sections,
+                read=read, resample="bilinear")
+
+
+def _hf_source(directory: str) -> Source:
+  from big_vision_like.models import hf_checkpoint  # pylint: disable=g-import-not-at-top
+  checkpoint = hf_checkpoint.read(directory)
+  converted = hf_checkpoint.convert(checkpoint)
+  arrays = {_keys(path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(converted.params)[0]}
+  model = dict(converted.model)
+  name = model.pop("name")
+  with nnx.use_eager_sharding(False):
+    backbone = nnx.eval_shape(lambda: MODELS.build(name, dict(model), field="the checkpoint",
+                                                   rngs=nnx.Rngs(0)))
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in arrays.items()}
+  return Source(
+      where=str(workdir_lib.path(directory)), summary=converted.description,
+      model=dict(converted.model), objective=types.SimpleNamespace(
+          backbone=backbone, backbone_path=("backbone",)),
+      sections={"hf": _nested(shapes)},
+      read=lambda abstract: {k: arrays[k[1:]] for k in abstract},
+      resample="bicubic_antialias" if checkpoint.kind == "timm" else "bicubic")
+
+
+# -- the plan -----------------------------------------------------------------
+
+
 def _leaves(tree, section: str, prefix: tuple) -> dict[tuple, tuple]:
-  """{path relative to `prefix`: (full checkpoint path, leaf)} of the state leaves
-  under `prefix` (paths without nnx's trailing 'value')."""
+  """{path relative to `prefix`: (full path, leaf)} of the leaves under `prefix`
+  (paths without nnx's trailing 'value')."""
   found = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     keys = _keys(path)
@@ -109,7 +218,7 @@ def _children(trees, prefix: tuple) -> list[str]:
   names = set()
   for tree in trees:
     for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
-      keys = [checkpoint_lib._key(k) for k in path]  # pylint: disable=protected-access
+      keys = [str(k) for k in _keys(path)]
       depth = 0
       while depth < len(prefix) and depth < len(keys) and keys[depth] == str(prefix[depth]):
         depth += 1
@@ -119,16 +228,18 @@ def _children(trees, prefix: tuple) -> list[str]:
 
 
 def _module_at(objective, keys):
-  """The submodule at `keys` (attributes or list indices)."""
+  """The submodule at `keys` (attributes or list indices), or None."""
   node = objective
   for k in keys:
-    node = node[k] if isinstance(k, int) else getattr(node, k)
+    try:
+      node = node[k] if isinstance(k, int) else getattr(node, k)
+    except (AttributeError, IndexError, KeyError, TypeError):
+      return None
   return node
 
 
-def _grid_of(objective, prefix: tuple, rel: tuple):
-  owner = _module_at(objective, prefix + rel[:-1])
-  grid = getattr(owner, "grid", None)
+def _grid_of(objective, keys):
+  grid = getattr(_module_at(objective, keys), "grid", None)
   return tuple(grid) if grid is not None else None
 
 
@@ -142,98 +253,108 @@ def _nested(flat: dict[tuple, Any]) -> dict:
   return tree
 
 
-def apply(config, trainer, state: dict) -> dict:
-  """`state` (this run's fresh, sharded init) with the parameters `config.init`
-  names replaced by the checkpoint's; logs one table of what happened."""
-  spec = config.init.path
-  workdir, step = split_path(spec)
-  source_config = read_source_config(workdir)
-  directory = str(workdir_lib.path(workdir, "checkpoints"))
-  reader = checkpoint_lib.Checkpointer(directory, asynchronous=False, read_only=True)
-  try:
-    steps = reader.all_steps()
-    if not steps:
-      raise ConfigError(f"config.init.path={spec!r}: {directory} holds no checkpoint yet")
-    if step is None:
-      step = steps[-1]
-    elif step not in steps:
-      raise ConfigError(f"config.init.path={spec!r}: no checkpoint {step} in {directory}; "
-                        f"it has {', '.join(map(str, steps))}")
-    state = _apply(config, trainer, state, source_config, reader, step)
-  finally:
-    reader.close()
-  return state
+@dataclasses.dataclass
+class Plan:
+  """What `apply` does: target full key -> (source full key, source shape, grids)."""
+  source: Source
+  moves: dict[tuple, tuple]
+  rows: dict[str, list[str]]
+  source_paths: tuple
+  target_paths: tuple
+  unused: int
 
 
-def _apply(config, trainer, state, source_config, reader, step):
-  source_obj = _abstract_objective(source_config)
-  target_obj = trainer.abstract_objective
-  source = _subtree(config.init.source) or tuple(source_obj.backbone_path)
-  target = _subtree(config.init.target) or tuple(target_obj.backbone_path)
-  _, src_params, src_other = nnx.split(source_obj, source_obj.trainable, ...)
-  params_section = "ema_params" if source_config.get("optim", {}).get("ema_decay") else "params"
-  have = {**_leaves(src_params, params_section, source), **_leaves(src_other, "other", source)}
+def plan(config, target_objective=None) -> Plan:
+  """Checks `config.init` against this run's shapes (`target_objective`, abstract;
+  built from `config` if not given); reads no arrays and writes nothing."""
+  source = open_source(config.init.path)
+  target_obj = target_objective or _abstract_objective(config)
+  src = _subtree(config.init.source) or tuple(source.objective.backbone_path)
+  targets = ((_subtree(config.init.target),) if config.init.target
+             else tuple(tuple(t) for t in target_obj.init_targets))
+  have = {}
+  for section, tree in source.sections.items():
+    have.update(_leaves(tree, section, src))
   if not have:
     raise ConfigError(
-        f"config.init.source={_name(source)!r} is not in the checkpoint {reader.path(step)} "
-        f"(objective {source_config.objective.name!r}); it has: "
-        f"{', '.join(_children([src_params, src_other], source))}")
-  sections = ("params", "other")
-  want = {s: _leaves(state[s], s, target) for s in sections}
-  if not any(want.values()):
-    raise ConfigError(
-        f"config.init.target={_name(target)!r} is not in this run (objective "
-        f"{config.objective.name!r}); it has: "
-        f"{', '.join(_children([state[s] for s in sections], target))}")
+        f"config.init.source={_name(src)!r} is not in the checkpoint {source.where} "
+        f"({source.summary}); it has: {', '.join(_children(source.sections.values(), src))}")
+  sections = _state_sections(config, target_obj)
   skip = [re.compile(p) for p in config.init.skip]
-
-  rows = {"loaded": [], "resampled": [], "left at init": [], "skipped": []}
-  # full target path -> (full source path, source leaf, None or (old, new) grids)
+  rows = {row: [] for row in _ROWS}
   moves: dict[tuple, tuple] = {}
-  for section in sections:
-    for rel, (full, leaf) in want[section].items():
-      name = _name(target + rel)
-      if any(p.search(name) for p in skip):
-        rows["skipped"].append(name)
-        continue
-      if rel not in have:
-        rows["left at init"].append(f"{name} (not in the source)")
-        continue
-      src_full, src_leaf = have[rel]
-      if tuple(src_leaf.shape) == tuple(leaf.shape):
-        moves[full] = (src_full, src_leaf, None)
-        rows["loaded"].append(name)
-        continue
-      old, new = tuple(src_leaf.shape), tuple(leaf.shape)
-      if "head" in rel and len(old) == len(new) and old[:-1] == new[:-1]:
-        rows["left at init"].append(f"{name} (classes {old[-1]} -> {new[-1]})")
-        continue
-      grids = (_grid_of(source_obj, source, rel), _grid_of(target_obj, target, rel))
-      if (rel[-1] == "pos_embedding" and None not in grids and len(old) == len(new) == 3
-          and old[0] == new[0] == 1 and old[2] == new[2]
-          and old[1] == grids[0][0] * grids[0][1] and new[1] == grids[1][0] * grids[1][1]):
-        moves[full] = (src_full, src_leaf, grids)
-        rows["resampled"].append(f"{name} (grid {grids[0][0]}x{grids[0][1]} -> "
-                                 f"{grids[1][0]}x{grids[1][1]}, bilinear)")
-        continue
+  for target in targets:
+    want = {s: _leaves(tree, s, target) for s, tree in sections.items()}
+    if not any(want.values()):
       raise ConfigError(
-          f"config.init: {name} has shape {old} in {reader.path(step)} but {new} in this "
-          f"run; change config.model to match, or list it in config.init.skip")
+          f"config.init.target={_name(target)!r} is not in this run (objective "
+          f"{config.objective.name!r}); it has: "
+          f"{', '.join(_children(sections.values(), target))}")
+    for section in sections:
+      for rel, (full, leaf) in want[section].items():
+        _plan_leaf(config, source, src, target, rel, full, leaf, have, skip, rows, moves,
+                   target_obj)
   for pattern in skip:
     if not any(pattern.search(name) for name in rows["skipped"]):
       raise ConfigError(f"config.init.skip regex {pattern.pattern!r} matches no parameter "
-                        f"of {_name(target)!r} in this run")
+                        f"of {', '.join(map(_name, targets))!r} in this run")
   if not moves:
     raise ConfigError(
-        f"config.init: nothing of {_name(source)!r} in {reader.path(step)} "
-        f"(model {source_config.model.name!r}) matches {_name(target)!r} of this run "
-        f"(model {config.model.name!r}): is it another backbone family?")
+        f"config.init: nothing of {_name(src)!r} in {source.where} ({source.summary}, "
+        f"model {source.model.get('name')!r}) matches "
+        f"{', '.join(map(_name, targets))!r} of this run (model {config.model.name!r}): "
+        f"is it another backbone family?")
+  used = {m[0] for m in moves.values()}
+  return Plan(source=source, moves=moves, rows=rows, source_paths=src, target_paths=targets,
+              unused=len(have) - len(used))
 
-  # Restore only what is loaded, replicated (a resampled one changes shape first).
+
+def _plan_leaf(config, source, src, target, rel, full, leaf, have, skip, rows, moves,
+               target_obj):
+  name = _name(target + rel)
+  if any(p.search(name) for p in skip):
+    rows["skipped"].append(name)
+    return
+  if rel not in have:
+    rows["left at init"].append(f"{name} (not in the source)")
+    return
+  src_full, src_leaf = have[rel]
+  old, new = tuple(src_leaf.shape), tuple(leaf.shape)
+  if old == new:
+    moves[full] = (src_full, src_leaf, None)
+    rows["loaded"].append(name)
+    return
+  if "head" in rel and len(old) == len(new) and old[:-1] == new[:-1]:
+    rows["left at init"].append(f"{name} (classes {old[-1]} -> {new[-1]})")
+    return
+  grids = (_grid_of(source.objective, src + rel[:-1]), _grid_of(target_obj, target + rel[:-1]))
+  if (rel[-1] == "pos_embedding" and None not in grids and len(old) == len(new) == 3
+      and old[0] == new[0] == 1 and old[2] == new[2]
+      and old[1] == grids[0][0] * grids[0][1] and new[1] == grids[1][0] * grids[1][1]):
+    moves[full] = (src_full, src_leaf, grids)
+    rows["resampled"].append(f"{name} (grid {grids[0][0]}x{grids[0][1]} -> "
+                             f"{grids[1][0]}x{grids[1][1]}, {source.resample})")
+    return
+  hint = (f"the checkpoint's model is {source.model}" if source.resample != "bilinear"
+          else "change config.model to match")
+  raise ConfigError(
+      f"config.init: {name} has shape {old} in {source.where} but {new} in this run "
+      f"(config.model); {hint}, or list it in config.init.skip")
+
+
+# -- applying it --------------------------------------------------------------
+
+
+def apply(config, trainer, state: dict, init_plan: Plan | None = None) -> dict:
+  """`state` (this run's fresh, sharded init) with the parameters `config.init`
+  names replaced by the checkpoint's; logs one table of what happened."""
+  init_plan = init_plan or plan(config, trainer.abstract_objective)
+  moves = init_plan.moves
+  # Read only what is loaded, replicated (a resampled one changes shape first).
   replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
   abstract = {src: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated)
               for src, leaf, _ in moves.values()}
-  restored = _flat_by_keys(reader.read_partial(step, _nested(abstract)))
+  restored = init_plan.source.read(abstract)
 
   def replace(section, tree):
     def one(path, leaf):
@@ -243,26 +364,32 @@ def _apply(config, trainer, state, source_config, reader, step):
       src_full, _, grids = moves[full]
       value = restored[src_full]
       if grids is not None:
-        value = layers.resample_posemb(value, *grids)
+        method = init_plan.source.resample
+        value = layers.resample_posemb(jnp.asarray(value, jnp.float32), *grids,
+                                       **({} if method == "bilinear" else {"method": method}))
       # A copy of its own: params and EMA params are donated separately.
       return jax.device_put(jnp.asarray(value, leaf.dtype), leaf.sharding, may_alias=False)
     return jax.tree_util.tree_map_with_path(one, tree)
 
   state = dict(state)
-  for section in sections:
+  for section in ("params", "other"):
     state[section] = replace(section, state[section])
   if "ema_params" in state:  # EMA parameters start equal to the loaded ones
     state["ema_params"] = replace("params", state["ema_params"])
+  _log(init_plan)
+  return state
 
-  unused = len(have) - len({src for src, _, _ in moves.values()})
-  lines = [f"Initialised from {reader.path(step)} (objective "
-           f"{source_config.objective.name!r}, {_name(source)!r} -> {_name(target)!r}; "
-           f"{unused} source parameters unused):"]
-  for what, names in rows.items():
+
+def _log(init_plan: Plan) -> None:
+  source = init_plan.source
+  targets = ", ".join(map(_name, init_plan.target_paths))
+  lines = [f"Initialised from {source.where} ({source.summary}, "
+           f"{_name(init_plan.source_paths)!r} -> {targets!r}; "
+           f"{init_plan.unused} source parameters unused):"]
+  for what, names in init_plan.rows.items():
     more = f", ... ({len(names) - _SHOWN} more)" if len(names) > _SHOWN else ""
     lines.append(f"  {what:<13} {len(names):>4}  {', '.join(names[:_SHOWN])}{more}".rstrip())
   logging.info("\n".join(lines))
-  return state
 
 
 def _flat_by_keys(tree) -> dict[tuple, jax.Array]:

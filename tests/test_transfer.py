@@ -151,31 +151,67 @@ class TransferTest(absltest.TestCase):
     self.assertRegex("\n".join(logs.output), r"resampled\s+1  backbone/pos_embedding "
                      r"\(grid 8x8 -> 12x12, bilinear\)")
 
-  def test_another_shape_is_a_one_line_error(self):
-    with self.assertRaisesRegex(ConfigError, r"^config.init: backbone/blocks/0/mlp/\S+ has "
-                                r"shape \([\d, ]*32[\d, ]*\) in .* but "
-                                r"\([\d, ]*48[\d, ]*\) in this run; [^\n]*$"):
-      initialised(self.init(**{"model.mlp_dim": 48}))
-
-  def test_bad_input_is_a_one_line_error(self):
+  def test_bad_input_is_a_one_line_error_and_nothing_is_written(self):
     not_a_run = self.create_tempdir().full_path
-    cases = {
-        os.path.join(not_a_run, "nope"): "no such directory",
-        not_a_run: "is not a workdir of this codebase .*no config.json and no checkpoints",
-        self.source + ":7": r"no checkpoint 7 in .*; it has 1, 2$",
-    }
-    for path, message in cases.items():
-      with self.assertRaisesRegex(ConfigError, message):
-        initialised(self.init(**{"init.path": path}))
-    with self.assertRaisesRegex(ConfigError, r"config.init.source='nope' is not in the "
-                                r"checkpoint .*; it has: backbone$"):
-      initialised(self.init(**{"init.source": "nope"}))
-    with self.assertRaisesRegex(ConfigError, r"config.init.target='backbone/nope' is not in "
-                                r"this run .*; it has: backbone/blocks, backbone/embedding"):
-      initialised(self.init(**{"init.target": "backbone/nope"}))
-    with self.assertRaisesRegex(ConfigError, r"config.init.skip regex 'hed' matches no "
-                                r"parameter of 'backbone' in this run$"):
-      initialised(self.init(**{"init.skip": ("head", "hed")}))
+    with open(os.path.join(not_a_run, "notes.txt"), "w") as f:
+      f.write("x")
+    cases = [
+        ({"init.path": os.path.join(not_a_run, "nope")}, "no such directory"),
+        ({"init.path": not_a_run}, r"is neither a workdir of this codebase \(config.json \+ "
+         r"checkpoints/\) nor a HuggingFace / timm checkpoint directory .*; it has: "
+         r"notes.txt$"),
+        ({"init.path": self.source + ":7"}, r"no checkpoint 7 in .*; it has 1, 2$"),
+        ({"init.source": "nope"},
+         r"config.init.source='nope' is not in the checkpoint .*; it has: backbone$"),
+        ({"init.target": "backbone/nope"}, r"config.init.target='backbone/nope' is not in "
+         r"this run .*; it has: backbone/blocks, backbone/embedding"),
+        ({"init.skip": ("head", "hed")},
+         r"config.init.skip regex 'hed' matches no parameter of 'backbone' in this run$"),
+        ({"model.mlp_dim": 48}, r"^config.init: backbone/blocks/0/mlp/\S+ has shape "
+         r"\([\d, ]*32[\d, ]*\) in .* but \([\d, ]*48[\d, ]*\) in this run "
+         r"\(config.model\); change config.model to match, or list it in "
+         r"config.init.skip$"),
+        ({"optim.frozen": ("backbone/nope",)},
+         r"^config.optim.frozen: 'backbone/nope' matches no parameter"),
+    ]
+    for overrides, message in cases:
+      with self.subTest(overrides):
+        with self.assertRaisesRegex(ConfigError, message):
+          initialised(self.init(**overrides))
+        workdir = os.path.join(self.root, "never_written")
+        with self.assertRaisesRegex(ConfigError, message):
+          train.train_and_evaluate(self.init(**overrides), workdir)
+        self.assertFalse(os.path.exists(workdir))
+
+  def test_step_0_evaluation_equals_the_source_runs_final_evaluation(self):
+    evals = helpers.tiny_config().evals
+    source = tiny()
+    source.evals = evals
+    final = train.train_and_evaluate(source, self.source)  # trained: evaluates step 2
+    self.assertIn("eval/test/accuracy", final)
+    config = self.init(**{"eval_at_start": True, "total_steps": 1})
+    config.evals = evals
+    workdir = os.path.join(self.root, "step0")
+    train.train_and_evaluate(config, workdir)
+    start = {k: v for r in helpers.read_metrics(workdir) if r["step"] == 0
+             for k, v in r.items() if k.startswith("eval/")}
+    self.assertEqual(start, {k: v for k, v in final.items() if k in start})
+    self.assertEqual(set(start), {k for k in final if k.startswith("eval/test/")})
+
+  def test_a_probe_of_a_supervised_run_keeps_its_backbone(self):
+    config = self.init(**{"objective": {"name": "probe"}, "optim.name": "lars",
+                          "optim.weight_decay": 0.0, "optim.lr": 0.5})
+    workdir = os.path.join(self.root, "probe")
+    with self.assertLogs(level="INFO") as logs:
+      train.train_and_evaluate(config, workdir)
+    state = helpers.restore_state(workdir, 2)[1]
+    frozen, trained = flat(state, "other"), flat(state, "params")
+    backbone = [n for n in self.saved if not n.startswith("backbone/head/")]
+    for name in backbone:  # loaded, then two steps that did not touch it
+      np.testing.assert_array_equal(frozen[name], self.saved[name], err_msg=name)
+    self.assertEqual(set(trained), {"head/kernel/value", "head/bias/value"})
+    self.assertGreater(np.abs(trained["head/kernel/value"]).max(), 0)
+    self.assertRegex("\n".join(logs.output), r"Training 170 of \d[\d,]* parameters")
 
   def test_a_resume_restores_its_own_checkpoint_not_the_init(self):
     config = self.init(**{"model.num_classes": 12})

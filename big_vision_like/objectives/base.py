@@ -35,6 +35,8 @@ class Objective(nnx.Module):
   total_steps: int = 0
   # Where `self.backbone` is in the objective's state (DINO: the teacher's).
   backbone_path: tuple[str, ...] = ("backbone",)
+  # Where config.init loads a pre-trained backbone by default (transfer.py).
+  init_targets: tuple[tuple[str, ...], ...] = (("backbone",),)
   # Config fields (dotted, e.g. 'input.transforms') besides config.model and
   # config.objective that __init__ reads; the trainer passes it only these.
   reads: tuple[str, ...] = ()

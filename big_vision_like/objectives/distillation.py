@@ -114,6 +114,8 @@ class Distillation(Objective):
   reads = ("input.transforms", "input.batch_size", "optim.grad_accum_steps")
   # What DINO evaluates and transfers: the teacher's backbone.
   backbone_path = ("teacher", "backbone")
+  # A pre-trained backbone starts both: the teacher is an EMA of the student.
+  init_targets = (("student", "backbone"), ("teacher", "backbone"))
 
   def __init__(self, config: Any, *, out_dim: int = 65536,
                hidden_dim: int = 2048, bottleneck_dim: int = 256, head_layers: int = 3,
