@@ -139,6 +139,15 @@ class TransferTest(absltest.TestCase):
       np.testing.assert_array_equal(params[name.removeprefix("teacher/")], saved[name],
                                     err_msg=name)
     self.assertIn("'teacher/backbone' -> 'backbone'", "\n".join(logs.output))
+    # Into another DINO run: its student and its teacher both start from it.
+    config = helpers.config_from("configs/dino_cifar10.py:smoke")
+    config.init.path, config.evals = workdir, {}
+    _, state = initialised(config)
+    other, params = flat(state, "other"), flat(state)
+    for name in teacher:
+      np.testing.assert_array_equal(other[name], saved[name], err_msg=name)
+      np.testing.assert_array_equal(params[name.replace("teacher/", "student/", 1)],
+                                    saved[name], err_msg=name)
 
   def test_learned_position_embedding_is_resampled_to_a_new_grid(self):
     config = self.init(**{"model.image_size": 12})
