@@ -156,7 +156,7 @@ OBJECTIVE_CASES = {
     "supervised": {}, "clip": {}, "siglip": {}, "mae": dict(decoder_width=8, decoder_depth=1,
                                                           decoder_heads=2),
     "simmim": dict(mask_unit=2), "dino": {}, "ibot": {},
-    "segmentation": dict(num_classes=3),
+    "segmentation": dict(num_classes=3), "probe": {},
 }
 
 

@@ -172,26 +172,64 @@ class ImageTextParityTest(parameterized.TestCase):
                lambda obj, image, text: jnp.exp(obj.log_t[...]) * image @ text.T + obj.bias[...])
 
 
-class Dinov2ParityTest(parameterized.TestCase):
+def legacy_dinov2_names(state_dict, prefix=""):
+  """transformers-4 names, as published checkpoints have them: the attention renamed
+  and a SwiGLU packed into `weights_in` (gate rows first) and `weights_out`."""
+  out = legacy_names(state_dict, mlp=False)
+  for key in [k for k in out if ".mlp.gate_proj." in k]:
+    p, kind = key.split(".mlp.gate_proj.")
+    out[f"{p}.mlp.weights_in.{kind}"] = np.concatenate(
+        [out.pop(key), out.pop(f"{p}.mlp.up_proj.{kind}")])
+    out[f"{p}.mlp.weights_out.{kind}"] = out.pop(f"{p}.mlp.down_proj.{kind}")
+  return {prefix + k: v for k, v in out.items()}
 
-  @parameterized.parameters(False, True)
-  def test_matches_hf_dinov2(self, legacy):
-    config, state_dict, inputs, expected = load_arrays("dinov2")
-    if legacy:
-      state_dict = legacy_names(state_dict, mlp=False)
+
+class Dinov2ParityTest(parameterized.TestCase):
+  """Dinov2Model, its SwiGLU / bias-free variant and Dinov2WithRegistersModel: the whole
+  sequence [class, registers, patches], with a mask, and at other input sizes
+  (HF's bicubic position resampling, antialiased for the registers model)."""
+
+  @parameterized.product(name=["dinov2", "dinov2_swiglu", "dinov2_registers"],
+                         legacy=[False, True])
+  def test_matches_hf_dinov2(self, name, legacy):
+    config, state_dict, inputs, expected = load_arrays(name)
+    mask_token = jnp.asarray(state_dict["embeddings.mask_token"][0])
+    if legacy:  # with the prefix a *ForImageClassification checkpoint's backbone has
+      state_dict = legacy_dinov2_names(
+          state_dict, "dinov2_with_registers." if "registers" in name else "dinov2.")
     kwargs, params = convert_hf.load_hf_dinov2(state_dict, config)
     with nnx.use_eager_sharding(False):
       model = vit.ViT(**kwargs, rngs=nnx.Rngs(0))
-    convert_hf.assign(model, params, where="HF dinov2")
-    images = jnp.asarray(inputs["pixel_values_nhwc"])
-    tokens = lambda aux: np.concatenate([np.asarray(aux["pre_logits"])[:, None], aux["tokens"]], 1)
-    _, aux = model(images)
-    np.testing.assert_allclose(tokens(aux), expected["last_hidden_state"], atol=1e-5, rtol=0)
+    convert_hf.assign(model, params, where=f"HF {name}")
+
+    def check(images, want, **mask):
+      x, _ = model.embed(jnp.asarray(images), **mask)
+      np.testing.assert_allclose(model.encode_tokens(x), want, atol=1e-5, rtol=0)
+      _, aux = model(jnp.asarray(images), **mask)
+      np.testing.assert_allclose(aux["pre_logits"], want[:, 0], atol=1e-5, rtol=0)
+      np.testing.assert_allclose(aux["tokens"], want[:, model.num_prefix_tokens:], atol=1e-5,
+                                 rtol=0)
+
+    check(inputs["pixel_values_nhwc"], expected["last_hidden_state"])
     # bool_masked_pos: the mask token replaces patch embeddings before the positions
-    _, aux = model(images, token_mask=jnp.asarray(inputs["bool_masked_pos"]),
-                   mask_token=jnp.asarray(state_dict["embeddings.mask_token"][0]))
-    np.testing.assert_allclose(tokens(aux), expected["masked_last_hidden_state"], atol=1e-5,
-                               rtol=0)
+    check(inputs["pixel_values_nhwc"], expected["masked_last_hidden_state"],
+          token_mask=jnp.asarray(inputs["bool_masked_pos"]), mask_token=mask_token)
+    for size in ("large", "small"):
+      if f"pixel_values_{size}_nhwc" in inputs:
+        check(inputs[f"pixel_values_{size}_nhwc"], expected[f"{size}_last_hidden_state"])
+
+  def test_options_of_the_variants(self):
+    config, state_dict, _, _ = load_arrays("dinov2_swiglu")
+    kwargs, params = convert_hf.load_hf_dinov2(state_dict, config)
+    self.assertEqual((kwargs["mlp"], kwargs["mlp_dim"], kwargs["qkv_bias"]), ("swiglu", 48, False))
+    self.assertNotIn("bias", params["blocks"][0]["attn"]["query"])
+    config, state_dict, _, _ = load_arrays("dinov2_registers")
+    kwargs, _ = convert_hf.load_hf_dinov2(state_dict, config)
+    self.assertEqual((kwargs["num_registers"], kwargs["posemb_resample"]),
+                     (4, "bicubic_antialias"))
+    with self.assertRaisesRegex(ConfigError, r"^HF DINOv2 config num_register_tokens=2 does not "
+                                             r"match the checkpoint's embeddings.register_tokens"):
+      convert_hf.load_hf_dinov2(state_dict, dict(config, num_register_tokens=2))
 
 
 class MaeParityTest(parameterized.TestCase):

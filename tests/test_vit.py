@@ -147,8 +147,10 @@ class ViTTest(parameterized.TestCase):
     self.assertEqual(aux["tokens"].dtype, jnp.bfloat16)
     self.assertEqual(logits.dtype, jnp.float32)
 
-  def test_every_parameter_has_logical_axes(self):
-    graphdef, state = nnx.split(tiny(pool="map"))
+  @parameterized.parameters(dict(pool="map"),
+                            dict(mlp="swiglu", qkv_bias=False, num_registers=2, scan=True))
+  def test_every_parameter_has_logical_axes(self, **kw):
+    graphdef, state = nnx.split(tiny(**kw))
     for path, var in jax.tree_util.tree_flatten_with_path(
         state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
       names = var.get_metadata().get("out_sharding")
@@ -183,6 +185,76 @@ class ViTTest(parameterized.TestCase):
     want_grad = 0.5 * (1 + erf(x / math.sqrt(2))) + x * np.exp(-x ** 2 / 2) / math.sqrt(2 * math.pi)
     np.testing.assert_allclose(np.asarray(grad, np.float64), want_grad, atol=2e-6, rtol=2e-6)
 
+  def test_no_qkv_bias(self):
+    """query / key / value lose their biases, the out projection keeps its own."""
+    def names(model):
+      return {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+    plain, bare = names(tiny()), names(tiny(qkv_bias=False))
+    gone = {f"blocks/{i}/attn/{n}/bias" for i in range(2) for n in ("query", "key", "value")}
+    self.assertLessEqual(gone, plain)
+    self.assertEqual(bare, plain - gone)
+    self.assertIn("blocks/0/attn/out/bias", bare)
+    self.assertEqual(tiny(qkv_bias=False)(jnp.ones((1, 8, 8, 3)))[0].shape, (1, 5))
+
+  def test_swiglu_mlp(self):
+    model = tiny(mlp="swiglu", mlp_dim=24)
+    mlp = model.blocks[0].mlp
+    self.assertIsInstance(mlp, layers.SwiGLU)
+    self.assertEqual([getattr(mlp, n).kernel.shape for n in ("gate", "fc1", "fc2")],
+                     [(16, 24), (16, 24), (24, 16)])
+    self.assertEqual(mlp.gate.kernel.get_metadata()["out_sharding"], ("embed", "mlp"))
+    x = jax.random.normal(jax.random.key(0), (2, 3, 16))
+    dense = lambda layer, x: x @ layer.kernel[...] + layer.bias[...]
+    want = dense(mlp.fc2, jax.nn.silu(dense(mlp.gate, x)) * dense(mlp.fc1, x))
+    np.testing.assert_allclose(mlp(x), want, atol=1e-5)
+    self.assertIsInstance(tiny(pool="map", mlp="swiglu").map_head.mlp, layers.Mlp)
+
+  @parameterized.parameters("cls", "gap", "map")
+  def test_registers_are_prefix_tokens(self, pool):
+    model = tiny(num_registers=3, pool=pool, head_zero_init=False)
+    prefix = 3 + (pool == "cls")
+    self.assertEqual(model.num_prefix_tokens, prefix)
+    self.assertEqual(model.registers.shape, (1, 3, 16))
+    self.assertEqual(model.pos_embedding.shape, (1, 16, 16))  # none for the registers
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    logits, aux = model(x)
+    self.assertEqual(aux["tokens"].shape, (2, 16, 16))  # one per patch
+    # encode_tokens of all of embed's tokens is the forward pass (drop_tokens)
+    tokens, _ = model.embed(x)
+    encoded = model.encode_tokens(tokens)
+    self.assertEqual(encoded.shape, (2, prefix + 16, 16))
+    np.testing.assert_allclose(encoded[:, prefix:], aux["tokens"], atol=1e-5)
+    if pool == "cls":
+      np.testing.assert_allclose(encoded[:, 0], aux["pre_logits"], atol=1e-5)
+    if pool == "gap":  # over the patch tokens only
+      np.testing.assert_allclose(aux["tokens"].mean(1), aux["pre_logits"], atol=1e-5)
+    self.assertEqual(model.encode_tokens(tokens[:, :5]).shape, (2, prefix + 5, 16))
+    # the registers change the output (they are attended to) ...
+    with nnx.use_eager_sharding(False):
+      other = nnx.clone(model)
+    other.registers.set_value(5 * jax.random.normal(jax.random.key(2), (1, 3, 16)))
+    self.assertGreater(float(jnp.abs(other(x)[1]["tokens"] - aux["tokens"]).max()), 1e-4)
+    # ... and mask tokens still replace the masked patches only (mask_tokens)
+    mask = jnp.zeros((2, 16), bool).at[:, 0].set(True)
+    token = jnp.ones((16,))
+    _, masked = model(x, token_mask=mask, mask_token=token)
+    _, changed = model(x.at[:, :2, :2].add(3.0), token_mask=mask, mask_token=token)
+    np.testing.assert_allclose(masked["tokens"], changed["tokens"], atol=1e-5)
+    self.assertGreater(float(jnp.abs(masked["tokens"] - aux["tokens"]).max()), 1e-4)
+    # any image size: the registers stay, the patch grid follows the image
+    _, big = model(jnp.ones((1, 12, 12, 3)))
+    self.assertEqual(big["tokens"].shape, (1, 36, 16))
+
+  def test_posemb_resample_option(self):
+    model = tiny(posemb_resample="bicubic")
+    images = jax.random.normal(jax.random.key(2), (1, 12, 12, 3))
+    x, grid = model.embed(images)
+    patches = model.embedding(model.patchify(images))
+    want = layers.resample_posemb(model.pos_embedding[...], (4, 4), (6, 6), "bicubic")
+    np.testing.assert_allclose(x - patches, jnp.broadcast_to(want, x.shape), atol=1e-5)
+    self.assertEqual(grid, (6, 6))
+
   def test_bad_inputs(self):
     with self.assertRaisesRegex(ConfigError, "not divisible by config.model.patch_size=4"):
       tiny(patch_size=4)(jnp.ones((1, 10, 10, 3)))
@@ -192,6 +264,11 @@ class ViTTest(parameterized.TestCase):
       tiny(variant="X/16")
     with self.assertRaisesRegex(ConfigError, r"expects images \[batch, height, width, 3\]"):
       tiny()(jnp.ones((1, 8, 8, 1)))
+    with self.assertRaisesRegex(ConfigError, r"config.model.mlp='glu'; valid: mlp, swiglu"):
+      tiny(mlp="glu")
+    with self.assertRaisesRegex(ConfigError, r"config.model.posemb_resample='cubic'; valid: "
+                                             r"bilinear, bicubic, bicubic_antialias"):
+      tiny(posemb_resample="cubic")
     with self.assertRaisesRegex(ConfigError, "config.model.depht is not a field of model 'vit'"):
       MODELS.build("vit", {"depht": 3}, field="config.model", rngs=nnx.Rngs(0))
     with self.assertRaisesRegex(ConfigError, "config.model.name='vitt' is not a known model; valid names: perceiver, swin, vit"):

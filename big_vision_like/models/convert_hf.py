@@ -423,26 +423,75 @@ def load_hf_siglip(state_dict: dict[str, Any], hf_config: dict[str, Any]):
   return model, objective, params
 
 
+def _swiglu_hidden(width: int, mlp_ratio: float) -> int:
+  """HF `Dinov2SwiGLUFFN`'s width: 2/3 of int(width * mlp_ratio), rounded up to 8s."""
+  return (int(int(width * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+
+
+def _dinov2_block(sd, p, *, qkv_bias: bool, swiglu: bool):
+  """One Dinov2Layer as our `vit.Block`. HF's SwiGLU is packed in transformers 4
+  names (`weights_in` = [gate; up] rows, `weights_out`), split in 5's
+  (`gate_proj`, `up_proj`, `down_proj`); ours is (gate, fc1, fc2)."""
+  qkv = (lambda name: _linear(sd, name)) if qkv_bias else (
+      lambda name: {"kernel": sd[f"{name}.weight"].T})
+  a = f"{p}.attention"
+  block = {
+      "norm1": _norm(sd, f"{p}.norm1"),
+      "norm2": _norm(sd, f"{p}.norm2"),
+      "attn": {"query": qkv(f"{a}.q_proj"), "key": qkv(f"{a}.k_proj"),
+               "value": qkv(f"{a}.v_proj"), "out": _linear(sd, f"{a}.o_proj")},
+      "ls1": {"gamma": sd[f"{p}.layer_scale1.lambda1"]},
+      "ls2": {"gamma": sd[f"{p}.layer_scale2.lambda1"]},
+  }
+  m = f"{p}.mlp"
+  if not swiglu:
+    block["mlp"] = {"fc1": _linear(sd, f"{m}.fc1"), "fc2": _linear(sd, f"{m}.fc2")}
+  elif f"{m}.weights_in.weight" in sd:
+    gate, up = np.split(sd[f"{m}.weights_in.weight"].T, 2, axis=1)
+    gate_bias, up_bias = np.split(sd[f"{m}.weights_in.bias"], 2)
+    block["mlp"] = {"gate": {"kernel": gate, "bias": gate_bias},
+                    "fc1": {"kernel": up, "bias": up_bias},
+                    "fc2": _linear(sd, f"{m}.weights_out")}
+  else:
+    block["mlp"] = {"gate": _linear(sd, f"{m}.gate_proj"), "fc1": _linear(sd, f"{m}.up_proj"),
+                    "fc2": _linear(sd, f"{m}.down_proj")}
+  return block
+
+
 def load_hf_dinov2(state_dict: dict[str, Any], hf_config: dict[str, Any]):
-  """Returns (ViT kwargs, parameters) for an HF Dinov2Model (transformers 4 or 5 names).
+  """Returns (ViT kwargs, parameters) for an HF Dinov2Model or Dinov2WithRegistersModel
+  (transformers 4 or 5 names), SwiGLU and bias-free query/key/value included.
 
   The mask token is not a ViT parameter: pass `embeddings.mask_token[0]` as
   `mask_token=` with `token_mask=` (HF's bool_masked_pos). At other input sizes
-  HF resamples the position embedding bicubically and we bilinearly.
+  the position embedding resamples as HF's does: bicubic, antialiased for the
+  registers model (`posemb_resample`).
   """
-  sd = _rename(state_dict, _LEGACY_BLOCK, strip="dinov2.")
-  if hf_config.get("use_swiglu_ffn") or not hf_config.get("qkv_bias", True):
-    raise ConfigError("HF DINOv2 with a SwiGLU MLP or without query/key/value biases does "
-                      "not map onto our ViT")
+  registers_model = (hf_config.get("model_type") == "dinov2_with_registers"
+                     or any(k.endswith("embeddings.register_tokens") for k in state_dict))
+  strip = "dinov2_with_registers." if registers_model else "dinov2."
+  sd = _rename(state_dict, _LEGACY_BLOCK, strip=strip)
+  num_registers = hf_config.get("num_register_tokens", 0) if registers_model else 0
+  has_registers = "embeddings.register_tokens" in sd
+  if bool(num_registers) != has_registers or (
+      has_registers and sd["embeddings.register_tokens"].shape[1] != num_registers):
+    raise ConfigError(f"HF DINOv2 config num_register_tokens={num_registers} does not match the "
+                      f"checkpoint's embeddings.register_tokens "
+                      f"{sd['embeddings.register_tokens'].shape if has_registers else '(absent)'}")
   patch, channels = hf_config["patch_size"], hf_config.get("num_channels", 3)
-  width = hf_config["hidden_size"]
+  width, ratio = hf_config["hidden_size"], hf_config.get("mlp_ratio", 4)
+  swiglu, qkv_bias = bool(hf_config.get("use_swiglu_ffn")), hf_config.get("qkv_bias", True)
   kwargs = dict(num_classes=0, patch_size=patch, width=width,
                 depth=hf_config["num_hidden_layers"],
-                mlp_dim=int(width * hf_config.get("mlp_ratio", 4)),
+                mlp_dim=_swiglu_hidden(width, ratio) if swiglu else int(width * ratio),
                 num_heads=hf_config["num_attention_heads"], image_size=hf_config["image_size"],
                 channels=channels, pool="cls", posemb="learn",
                 layerscale=hf_config.get("layerscale_value", 1.0),
-                mlp_activation=_activation(hf_config, "DINOv2"),
+                # HF's SwiGLU ignores hidden_act (always SiLU)
+                mlp_activation="gelu" if swiglu else _activation(hf_config, "DINOv2"),
+                mlp="swiglu" if swiglu else "mlp", qkv_bias=qkv_bias,
+                num_registers=num_registers,
+                posemb_resample="bicubic_antialias" if registers_model else "bicubic",
                 ln_eps=hf_config.get("layer_norm_eps", 1e-6), head_zero_init=False)
   pos = sd["embeddings.position_embeddings"]  # [1, 1 + N, D], class token first
   params = {
@@ -450,14 +499,11 @@ def load_hf_dinov2(state_dict: dict[str, Any], hf_config: dict[str, Any]):
       "cls_token": sd["embeddings.cls_token"] + pos[:, :1],
       "pos_embedding": pos[:, 1:],
       "norm": _norm(sd, "layernorm"),
-      "blocks": {},
+      "blocks": {i: _dinov2_block(sd, f"encoder.layer.{i}", qkv_bias=qkv_bias, swiglu=swiglu)
+                 for i in range(kwargs["depth"])},
   }
-  for i in range(kwargs["depth"]):
-    p = f"encoder.layer.{i}"
-    block = _vit_block(sd, p, norms=("norm1", "norm2"))
-    block["ls1"] = {"gamma": sd[f"{p}.layer_scale1.lambda1"]}
-    block["ls2"] = {"gamma": sd[f"{p}.layer_scale2.lambda1"]}
-    params["blocks"][i] = block
+  if num_registers:
+    params["registers"] = sd["embeddings.register_tokens"]
   return kwargs, params
 
 
@@ -506,3 +552,70 @@ def load_hf_mae(state_dict: dict[str, Any], hf_config: dict[str, Any]):
       "pred": _linear(sd, "decoder.decoder_pred"),
   }
   return model, objective, {"backbone": encoder, "decoder": decoder}
+
+
+# -- Image towers alone: CLIPVisionModel(WithProjection), SiglipVisionModel ----
+#
+# (ViT kwargs, parameters) like load_hf_vit: the image tower of load_hf_clip /
+# load_hf_siglip (the same parameters), for checkpoints without a text tower.
+
+def _vision_model(state_dict):
+  """transformers 4 (and WithProjection) save the tower under `vision_model.`,
+  transformers 5's CLIPVisionModel / SiglipVisionModel without it: ours with it."""
+  sd = _rename(state_dict)
+  if any(k.startswith("vision_model.") for k in sd):
+    return sd
+  return {f"vision_model.{k}": v for k, v in sd.items()}
+
+
+def load_hf_clip_vision(state_dict: dict[str, Any], hf_config: dict[str, Any]):
+  """Returns (ViT kwargs, parameters) for an HF CLIPVisionModel(WithProjection).
+
+  WithProjection's `visual_projection` is not a ViT parameter (our clip
+  objective holds it as image_proj): it is not loaded.
+  """
+  sd, vc, v = _vision_model(state_dict), hf_config, "vision_model"
+  kwargs = dict(pool="cls", pre_norm=True, patch_bias=False,
+                mlp_activation=_activation(vc, "CLIP vision"), ln_eps=vc["layer_norm_eps"],
+                **_image_arch(vc))
+  pos = sd[f"{v}.embeddings.position_embedding.weight"]  # [1 + N, D], class token first
+  params = {
+      "embedding": _patch(sd, f"{v}.embeddings.patch_embedding", vc["patch_size"],
+                          vc.get("num_channels", 3)),
+      "cls_token": (sd[f"{v}.embeddings.class_embedding"] + pos[0])[None, None],
+      "pos_embedding": pos[None, 1:],
+      "pre_norm": _norm(sd, f"{v}.pre_layrnorm"),
+      "blocks": _clip_blocks(sd, v, vc["num_hidden_layers"]),
+      "norm": _norm(sd, f"{v}.post_layernorm"),
+  }
+  return kwargs, params
+
+
+def load_hf_siglip_vision(state_dict: dict[str, Any], hf_config: dict[str, Any]):
+  """Returns (ViT kwargs, parameters) for an HF SiglipVisionModel (its MAP head included)."""
+  sd, vc, v = _vision_model(state_dict), hf_config, "vision_model"
+  if not vc.get("vision_use_head", True):
+    raise ConfigError("HF SiglipVisionModel with vision_use_head=False does not map: our "
+                      "siglip image tower pools with the attention-pooling (MAP) head")
+  kwargs = dict(pool="map", mlp_activation=_activation(vc, "SigLIP vision"),
+                ln_eps=vc["layer_norm_eps"], **_image_arch(vc))
+  h = f"{v}.head"
+  query, key, value = np.split(sd[f"{h}.attention.in_proj_weight"].T, 3, axis=1)
+  query_bias, key_bias, value_bias = np.split(sd[f"{h}.attention.in_proj_bias"], 3)
+  params = {
+      "embedding": _patch(sd, f"{v}.embeddings.patch_embedding", vc["patch_size"],
+                          vc.get("num_channels", 3)),
+      "pos_embedding": sd[f"{v}.embeddings.position_embedding.weight"][None],
+      "blocks": _clip_blocks(sd, v, vc["num_hidden_layers"]),
+      "norm": _norm(sd, f"{v}.post_layernorm"),
+      "map_head": {
+          "probe": sd[f"{h}.probe"],
+          "attn": {"query": {"kernel": query, "bias": query_bias},
+                   "key": {"kernel": key, "bias": key_bias},
+                   "value": {"kernel": value, "bias": value_bias},
+                   "out": _linear(sd, f"{h}.attention.out_proj")},
+          "norm": _norm(sd, f"{h}.layernorm"),
+          "mlp": {"fc1": _linear(sd, f"{h}.mlp.fc1"), "fc2": _linear(sd, f"{h}.mlp.fc2")},
+      },
+  }
+  return kwargs, params

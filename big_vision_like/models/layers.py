@@ -10,6 +10,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from big_vision_like import ops
@@ -105,9 +106,11 @@ class Attention(nnx.Module):
 
   def __init__(self, width: int, num_heads: int, *, kv_width: int | None = None,
                qk_width: int | None = None, kv_axis: str = "embed",
-               implementation: str = "auto", rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
-    """`kv_axis`: the logical name of the key / value inputs' channels."""
+               implementation: str = "auto", qkv_bias: bool = True, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    """`kv_axis`: the logical name of the key / value inputs' channels.
+    `qkv_bias=False`: query, key and value without biases, the out projection
+    keeps its own (DINOv2 / timm `qkv_bias`)."""
     kv_width = kv_width or width
     qk_width = qk_width or width
     if qk_width % num_heads:
@@ -115,9 +118,9 @@ class Attention(nnx.Module):
     self.num_heads = num_heads
     self.implementation = implementation
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.query = dense(width, qk_width, ("embed", "heads"), **kw)
-    self.key = dense(kv_width, qk_width, (kv_axis, "heads"), **kw)
-    self.value = dense(kv_width, qk_width, (kv_axis, "heads"), **kw)
+    self.query = dense(width, qk_width, ("embed", "heads"), use_bias=qkv_bias, **kw)
+    self.key = dense(kv_width, qk_width, (kv_axis, "heads"), use_bias=qkv_bias, **kw)
+    self.value = dense(kv_width, qk_width, (kv_axis, "heads"), use_bias=qkv_bias, **kw)
     self.out = dense(qk_width, width, ("heads", "embed"), **kw)
 
   def attend(self, x: jax.Array, kv: jax.Array | None = None, *,
@@ -191,6 +194,29 @@ class Mlp(nnx.Module):
     return self.fc2(h)
 
 
+class SwiGLU(nnx.Module):
+  """Gated MLP, fc2(silu(gate(x)) * fc1(x)) (Shazeer 2020; DINOv2's ViT-g).
+
+  `gate` is what SwiGLU adds to `Mlp`; `fc1` / `fc2` keep the Mlp's roles. HF's
+  `Dinov2SwiGLUFFN` is the same function: its packed `weights_in` [2h, D]
+  splits into (gate, fc1), `weights_out` is fc2. `hidden` is the width of the
+  gated layer itself (HF derives it from mlp_ratio, see convert_hf).
+  """
+
+  def __init__(self, width: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+              kernel_init=nnx.initializers.xavier_uniform())
+    self.gate = dense(width, hidden, ("embed", "mlp"), **kw)
+    self.fc1 = dense(width, hidden, ("embed", "mlp"), **kw)
+    self.fc2 = dense(hidden, width, ("mlp", "embed"), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jax.nn.silu(self.gate(x)) * self.fc1(x)
+    h = sharding.constrain(h, ("batch",) + (None,) * (h.ndim - 2) + ("act_mlp",))
+    return self.fc2(h)
+
+
 class LayerScale(nnx.Module):
   def __init__(self, width: int, init_value: float, param_dtype=jnp.float32):
     self.gamma = nnx.Param(jnp.full((width,), init_value, param_dtype),
@@ -212,12 +238,73 @@ def sincos_2d(height: int, width: int, dim: int, temperature: float = 10_000.):
   return pe[None].astype(jnp.float32)
 
 
+RESAMPLE_METHODS = ("bilinear", "bicubic", "bicubic_antialias")
+
+
 def resample_posemb(posemb: jax.Array, old_grid: tuple[int, int],
-                    new_grid: tuple[int, int]) -> jax.Array:
-  """Bilinear resize of [1, h*w, D] grid embeddings to another grid (new input size)."""
+                    new_grid: tuple[int, int], method: str = "bilinear") -> jax.Array:
+  """Resizes [1, h*w, D] grid embeddings to another grid (a new input size).
+
+  'bilinear': `jax.image.resize` (antialiased when shrinking), our default.
+  'bicubic': torch's `interpolate(mode='bicubic', align_corners=False)`, what
+  HF ViT and DINOv2 use. 'bicubic_antialias': the same with `antialias=True`,
+  timm's `resample_abs_pos_embed` default and HF DINOv2-with-registers'.
+  Nothing in jax computes torch's kernels (`jax.image.resize`'s 'bicubic' is
+  Keys a = -0.5 with other borders), so these are per-axis [new, old] weight
+  matrices (`torch_bicubic_weights`) applied in one einsum: jit-able and within
+  ~1e-6 of torch in float32.
+  """
+  if method not in RESAMPLE_METHODS:
+    raise ValueError(f"position-embedding resampling method {method!r}; valid: "
+                     f"{', '.join(RESAMPLE_METHODS)}")
   if tuple(old_grid) == tuple(new_grid):
     return posemb
   d = posemb.shape[-1]
   grid = posemb.reshape(1, *old_grid, d)
-  grid = jax.image.resize(grid, (1, *new_grid, d), method="bilinear")
+  if method == "bilinear":
+    grid = jax.image.resize(grid, (1, *new_grid, d), method="bilinear")
+  else:
+    wh, ww = (jnp.asarray(torch_bicubic_weights(int(o), int(n), method == "bicubic_antialias"),
+                          jnp.float32) for o, n in zip(old_grid, new_grid))
+    grid = jnp.einsum("ih,jw,bhwd->bijd", wh, ww, grid.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST).astype(posemb.dtype)
   return grid.reshape(1, new_grid[0] * new_grid[1], d)
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+  """Keys' cubic convolution kernel with parameter `a`."""
+  x = np.abs(x)
+  return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                  np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+
+def torch_bicubic_weights(old: int, new: int, antialias: bool = False) -> np.ndarray:
+  """[new, old] float64 weights of torch's 1-D bicubic resize, align_corners=False.
+
+  Plain (ATen `upsample_bicubic2d`): the 4 taps around the source coordinate
+  (i + 0.5) * old / new - 0.5, Keys a = -0.75, indices clamped to the border
+  (whose weights then add up). Antialiased (`_upsample_bicubic2d_aa`, PIL's
+  filter): a = -0.5, the kernel stretched by old / new when shrinking, taps
+  outside the input dropped and the rest renormalised, so it differs from the
+  plain one when enlarging too. Both equal torch's float64 output to 1e-14.
+  """
+  scale = old / new
+  rows = np.arange(new)
+  w = np.zeros((new, old))
+  if not antialias:
+    src = (rows + 0.5) * scale - 0.5
+    base = np.floor(src)
+    for k in range(-1, 3):
+      taps = np.clip(base + k, 0, old - 1).astype(int)
+      np.add.at(w, (rows, taps), _cubic(src - base - k, -0.75))
+    return w
+  stretch = max(scale, 1.0)
+  for i in rows:
+    center = scale * (i + 0.5)
+    # int() truncates toward zero, as the C++ cast does
+    lo = max(int(center - 2 * stretch + 0.5), 0)
+    hi = min(int(center + 2 * stretch + 0.5), old)
+    taps = np.arange(lo, hi)
+    k = _cubic((taps + 0.5 - center) / stretch, -0.5)
+    w[i, taps] = k / k.sum()
+  return w

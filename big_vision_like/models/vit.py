@@ -2,7 +2,8 @@
 
 Variants by name ('Ti/16', 'S/16', 'B/16', 'L/16', 'H/14'); any patch size down
 to 1 (pixel tokens) and any input size: the learned position embedding is
-resampled when the token grid differs from the one it was built for.
+resampled when the token grid differs from the one it was built for (bilinear,
+or torch's bicubic as HF / timm do: `posemb_resample`).
 
 `__call__(images, train=..., rng=...)` returns (logits, intermediates) where
 intermediates holds 'tokens' (final-norm patch tokens, [B, N, D]), 'grid'
@@ -44,15 +45,21 @@ def parse_variant(variant: str) -> dict:
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block with optional LayerScale and stochastic depth."""
+  """Pre-norm transformer block with optional LayerScale and stochastic depth.
+
+  `mlp='swiglu'` puts a `layers.SwiGLU` of width `mlp_dim` in place of the MLP.
+  """
 
   def __init__(self, width, mlp_dim, num_heads, *, layerscale, attention,
-               ln_eps, rngs, dtype, param_dtype, activation="gelu"):
+               ln_eps, rngs, dtype, param_dtype, activation="gelu", qkv_bias=True,
+               mlp="mlp"):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.norm1 = layers.layer_norm(width, eps=ln_eps, **kw)
-    self.attn = layers.Attention(width, num_heads, implementation=attention, **kw)
+    self.attn = layers.Attention(width, num_heads, implementation=attention,
+                                 qkv_bias=qkv_bias, **kw)
     self.norm2 = layers.layer_norm(width, eps=ln_eps, **kw)
-    self.mlp = layers.Mlp(width, mlp_dim, activation=activation, **kw)
+    self.mlp = (layers.SwiGLU(width, mlp_dim, **kw) if mlp == "swiglu"
+                else layers.Mlp(width, mlp_dim, activation=activation, **kw))
     self.ls1 = layers.LayerScale(width, layerscale, param_dtype) if layerscale else None
     self.ls2 = layers.LayerScale(width, layerscale, param_dtype) if layerscale else None
 
@@ -90,6 +97,16 @@ class ViT(nnx.Module):
 
   A backbone (models/backbone.py) with every capability: mask tokens, dropped
   tokens (`embed` + `encode_tokens`), one output token per patch, any input size.
+
+  Options of published DINOv2 models, off by default: `qkv_bias=False`,
+  `mlp='swiglu'` (a gated MLP of width `mlp_dim`: its own field, not an
+  `mlp_activation`, because it has another parameter and HF keeps it apart from
+  hidden_act too) and `num_registers` learned tokens (Darcet et al. 2024) after
+  the class token, before the patches, with no position embedding; they are
+  prefix tokens: counted in `num_prefix_tokens`, absent from 'tokens', not in
+  'gap' pooling, seen by 'map'. `posemb_resample` picks how the position
+  embedding follows another input size (`layers.RESAMPLE_METHODS`; HF
+  DINOv2's is 'bicubic').
   """
   capabilities = frozenset({"mask_tokens", "drop_tokens", "patch_tokens",
                             "any_image_size"})
@@ -102,7 +119,8 @@ class ViT(nnx.Module):
                drop_path: float = 0.0, layerscale: float | None = None,
                ln_eps: float = 1e-6, head_zero_init: bool = True,
                mlp_activation: str = "gelu", patch_bias: bool = True,
-               pre_norm: bool = False,
+               pre_norm: bool = False, qkv_bias: bool = True, mlp: str = "mlp",
+               num_registers: int = 0, posemb_resample: str = "bilinear",
                attention: str = "auto", remat: bool = False, scan: bool = False,
                dtype: str = "float32", param_dtype: str = "float32",
                rngs: nnx.Rngs):
@@ -120,11 +138,19 @@ class ViT(nnx.Module):
       raise ConfigError(f"config.model.pool={pool!r}; valid: cls, gap, map")
     if posemb not in ("learn", "sincos2d"):
       raise ConfigError(f"config.model.posemb={posemb!r}; valid: learn, sincos2d")
+    if mlp not in ("mlp", "swiglu"):
+      raise ConfigError(f"config.model.mlp={mlp!r}; valid: mlp, swiglu")
+    if posemb_resample not in layers.RESAMPLE_METHODS:
+      raise ConfigError(f"config.model.posemb_resample={posemb_resample!r}; valid: "
+                        f"{', '.join(layers.RESAMPLE_METHODS)}")
+    if num_registers < 0:
+      raise ConfigError(f"config.model.num_registers={num_registers} must be >= 0")
     self.patch_size = arch["patch_size"]
     self.width, self.depth = arch["width"], arch["depth"]
     self.image_size = (image_size,) * 2 if isinstance(image_size, int) else tuple(image_size)
     self.grid = self.patch_grid = self._grid(self.image_size)
     self.channels, self.pool, self.posemb = channels, pool, posemb
+    self.posemb_resample, self.num_registers = posemb_resample, num_registers
     self.num_classes, self.remat, self.scan = num_classes, remat, scan
     self.drop_path = drop_path
     self.dtype = jnp.dtype(dtype)
@@ -132,7 +158,7 @@ class ViT(nnx.Module):
     kw = dict(rngs=rngs, dtype=self.dtype, param_dtype=param_dtype)
     width = self.width
     self.embed_width, self.token_stride = width, self.patch_size
-    self.num_prefix_tokens = 1 if pool == "cls" else 0
+    self.num_prefix_tokens = (1 if pool == "cls" else 0) + num_registers
 
     # Patchify as reshape + matmul: identical to a stride-p conv, and cheap at p=1.
     self.embedding = layers.dense(self.patch_size ** 2 * channels, width,
@@ -145,13 +171,18 @@ class ViT(nnx.Module):
     self.cls_token = (nnx.Param(jnp.zeros((1, 1, width), param_dtype),
                                 out_sharding=(None, None, "embed"))
                       if pool == "cls" else None)
+    init = nnx.initializers.normal(1e-6)  # DINOv2's: near zero, yet not all equal
+    self.registers = (nnx.Param(init(rngs.params(), (1, num_registers, width), param_dtype),
+                                out_sharding=(None, None, "embed"))
+                      if num_registers else None)
 
     block_args = (width, arch["mlp_dim"], arch["num_heads"])
     if mlp_activation not in layers.ACTIVATIONS:
       raise ConfigError(f"config.model.mlp_activation={mlp_activation!r}; valid: "
                         f"{', '.join(layers.ACTIVATIONS)}")
     block_kw = dict(layerscale=layerscale, attention=attention, ln_eps=ln_eps,
-                    dtype=self.dtype, param_dtype=param_dtype, activation=mlp_activation)
+                    dtype=self.dtype, param_dtype=param_dtype, activation=mlp_activation,
+                    qkv_bias=qkv_bias, mlp=mlp)
     if scan:
       @nnx.vmap(in_axes=0, out_axes=0,
                 transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -205,7 +236,8 @@ class ViT(nnx.Module):
     if token_mask is not None:
       x = jnp.where(token_mask[..., None], mask_token.astype(x.dtype), x)
     if self.posemb == "learn":
-      pe = layers.resample_posemb(self.pos_embedding[...], self.grid, grid)
+      pe = layers.resample_posemb(self.pos_embedding[...], self.grid, grid,
+                                  self.posemb_resample)
     else:
       pe = layers.sincos_2d(*grid, self.width)
     return x + pe.astype(x.dtype), grid
@@ -241,10 +273,13 @@ class ViT(nnx.Module):
     return self.norm(self.encode(self.add_cls(x), train=train, rng=rng))
 
   def add_cls(self, x: jax.Array) -> jax.Array:
-    """Prepends the class token (if the model has one) and normalises (CLIP)."""
-    if self.cls_token is not None:
-      cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, self.width))
-      x = jnp.concatenate([cls, x], axis=1)
+    """Prepends the prefix tokens, class token then registers (those the model
+    has), and normalises (CLIP)."""
+    prefix = [t for t in (self.cls_token, self.registers) if t is not None]
+    if prefix:
+      prefix = [jnp.broadcast_to(t[...].astype(x.dtype), (x.shape[0],) + t.shape[1:])
+                for t in prefix]
+      x = jnp.concatenate(prefix + [x], axis=1)
     if self.pre_norm is not None:
       x = self.pre_norm(x)
     return sharding.constrain(x, ("batch", "seq", "act_embed"))
@@ -254,12 +289,13 @@ class ViT(nnx.Module):
                mask_token: jax.Array | None = None):
     x, grid = self.embed(images, token_mask, mask_token)
     x = self.encode_tokens(x, train=train, rng=rng)
+    tokens = x[:, self.num_prefix_tokens:]
     if self.pool == "cls":
-      pre_logits, tokens = x[:, 0], x[:, 1:]
+      pre_logits = x[:, 0]
     elif self.pool == "gap":
-      pre_logits, tokens = x.mean(axis=1), x
+      pre_logits = tokens.mean(axis=1)
     else:
-      pre_logits, tokens = self.map_head(x), x
+      pre_logits = self.map_head(x)
     out = {"tokens": tokens, "grid": grid, "pre_logits": pre_logits}
     logits = self.head(pre_logits) if self.head is not None else pre_logits
     return logits.astype(jnp.float32), out
