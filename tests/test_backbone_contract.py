@@ -139,7 +139,7 @@ def objective_config(name, objective, model="vit"):
   config.input.transforms = [{"name": "normalize"}]
   config.model = dict(TINY[model], num_classes=0)
   config.objective = dict(name=name, **objective)
-  if name == "supervised":
+  if name in ("supervised", "probe"):
     config.model.num_classes = 3
   if name in ("clip", "siglip"):
     config.input.transforms = [{"name": "normalize"}, {"name": "tokenize"}]
