@@ -26,9 +26,15 @@ parameters included). Leaf by leaf, by relative path:
   - a classification head ('head' in the path) whose class count differs:
     left at init (zero-initialised), logged;
   - a learned position embedding of another token grid: resampled, logged:
-    bicubic as torch computes it for HF checkpoints (as transformers'
-    `interpolate_pos_encoding`), with antialiasing for timm's (as its
-    `resample_abs_pos_embed`), bilinear for ours (as our ViT at another size);
+    as the source family does it (`layers.resample_posemb`): bicubic as torch
+    computes it for HF checkpoints (transformers' `interpolate_pos_encoding`),
+    with antialiasing for timm's and DINOv2-with-registers (timm's
+    `resample_abs_pos_embed`), for ours the source ViT's `posemb_resample`
+    (bilinear by default, as it runs at another input size);
+  - a Swin relative-position bias table for another window size: resampled as a
+    (2w-1) x (2w-1) grid per head, bicubic as torch computes it (timm's
+    `resize_rel_pos_bias_table_simple`; timm's checkpoint filter uses BEiT's
+    geometric interpolation instead, not reproduced here), logged;
   - any other shape difference: a one-line ConfigError with both shapes;
   - no such parameter in the source, or a `config.init.skip` regex matches
     its path ('backbone/head/kernel'): left at init, logged (a regex that
@@ -51,7 +57,7 @@ from flax import nnx
 
 from big_vision_like import checkpoint as checkpoint_lib
 from big_vision_like import workdir as workdir_lib
-from big_vision_like.models import MODELS, layers
+from big_vision_like.models import MODELS, hf_checkpoint, layers
 from big_vision_like.registry import ConfigError, first_line
 
 _SHOWN = 4  # names shown per row of the log table
@@ -120,7 +126,6 @@ def open_source(spec: str) -> Source:
     raise ConfigError(f"{where}: no such directory")
   if (root / "checkpoints").is_dir() and (root / "config.json").exists():
     return _workdir_source(spec, directory, step)
-  from big_vision_like.models import hf_checkpoint  # pylint: disable=g-import-not-at-top
   if hf_checkpoint.is_checkpoint_directory(root):
     if step is not None:
       raise ConfigError(f"{where}: a HuggingFace / timm checkpoint directory has no steps")
@@ -131,11 +136,17 @@ def open_source(spec: str) -> Source:
                     f"{', '.join(sorted(p.name for p in root.iterdir())[:8]) or 'nothing'}")
 
 
-def _abstract_objective(config):
-  """The objective of `config`, shapes only (no arrays, no mesh)."""
+def _abstract(build: Callable[[], Any]):
+  """What `build` makes, shapes only (no arrays, no mesh: no axis names resolved)."""
   from big_vision_like import train  # pylint: disable=g-import-not-at-top  # train imports us
   with jax.sharding.use_abstract_mesh(train._NO_MESH), nnx.use_eager_sharding(False):  # pylint: disable=protected-access
-    return nnx.eval_shape(lambda: train.build_objective(config, config.seed, 1))
+    return nnx.eval_shape(build)
+
+
+def _abstract_objective(config):
+  """The objective of `config`, shapes only."""
+  from big_vision_like import train  # pylint: disable=g-import-not-at-top
+  return _abstract(lambda: train.build_objective(config, config.seed, 1))
 
 
 def _state_sections(config, objective) -> dict[str, Any]:
@@ -174,20 +185,18 @@ def _workdir_source(spec: str, directory: str, step: int | None) -> Source:
 
   return Source(where=f"{checkpoints}/{step}", summary=f"objective {config.objective.name!r}",
                 model=config.model.to_dict(), objective=objective, sections=sections,
-                read=read, resample="bilinear")
+                read=read, resample=config.model.get("posemb_resample", "bilinear"))
 
 
 def _hf_source(directory: str) -> Source:
-  from big_vision_like.models import hf_checkpoint  # pylint: disable=g-import-not-at-top
   checkpoint = hf_checkpoint.read(directory)
   converted = hf_checkpoint.convert(checkpoint)
   arrays = {_keys(path): np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_flatten_with_path(converted.params)[0]}
   model = dict(converted.model)
   name = model.pop("name")
-  with nnx.use_eager_sharding(False):
-    backbone = nnx.eval_shape(lambda: MODELS.build(name, dict(model), field="the checkpoint",
-                                                   rngs=nnx.Rngs(0)))
+  backbone = _abstract(lambda: MODELS.build(name, dict(model), field="the checkpoint",
+                                             rngs=nnx.Rngs(0)))
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in arrays.items()}
   return Source(
       where=str(workdir_lib.path(directory)), summary=converted.description,
@@ -195,7 +204,8 @@ def _hf_source(directory: str) -> Source:
           backbone=backbone, backbone_path=("backbone",)),
       sections={"hf": _nested(shapes)},
       read=lambda abstract: {k: arrays[k[1:]] for k in abstract},
-      resample="bicubic_antialias" if checkpoint.kind == "timm" else "bicubic")
+      resample=converted.model.get("posemb_resample") or (
+          "bicubic_antialias" if checkpoint.kind == "timm" else "bicubic"))
 
 
 # -- the plan -----------------------------------------------------------------
@@ -335,7 +345,16 @@ def _plan_leaf(config, source, src, target, rel, full, leaf, have, skip, rows, m
     rows["resampled"].append(f"{name} (grid {grids[0][0]}x{grids[0][1]} -> "
                              f"{grids[1][0]}x{grids[1][1]}, {source.resample})")
     return
-  hint = (f"the checkpoint's model is {source.model}" if source.resample != "bilinear"
+  windows = (getattr(_module_at(source.objective, src + rel[:-1]), "window", None),
+             getattr(_module_at(target_obj, target + rel[:-1]), "window", None))
+  if (rel[-1] == "bias_table" and None not in windows and len(old) == len(new) == 2
+      and old[1] == new[1] and old[0] == (2 * windows[0] - 1) ** 2
+      and new[0] == (2 * windows[1] - 1) ** 2):
+    sides = tuple((2 * w - 1,) * 2 for w in windows)
+    moves[full] = (src_full, src_leaf, ("table",) + sides)
+    rows["resampled"].append(f"{name} (window {windows[0]} -> {windows[1]}, bicubic)")
+    return
+  hint = (f"the checkpoint's model is {source.model}" if source.sections.keys() == {"hf"}
           else "change config.model to match")
   raise ConfigError(
       f"config.init: {name} has shape {old} in {source.where} but {new} in this run "
@@ -363,10 +382,12 @@ def apply(config, trainer, state: dict, init_plan: Plan | None = None) -> dict:
         return leaf
       src_full, _, grids = moves[full]
       value = restored[src_full]
-      if grids is not None:
-        method = init_plan.source.resample
+      if grids is not None and grids[0] == "table":  # [(2w-1)^2, heads] as a grid
+        value = layers.resample_posemb(jnp.asarray(value, jnp.float32)[None], *grids[1:],
+                                       method="bicubic")[0]
+      elif grids is not None:
         value = layers.resample_posemb(jnp.asarray(value, jnp.float32), *grids,
-                                       **({} if method == "bilinear" else {"method": method}))
+                                       method=init_plan.source.resample)
       # A copy of its own: params and EMA params are donated separately.
       return jax.device_put(jnp.asarray(value, leaf.dtype), leaf.sharding, may_alias=False)
     return jax.tree_util.tree_map_with_path(one, tree)

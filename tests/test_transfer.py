@@ -9,10 +9,11 @@ import sys
 import jax
 import numpy as np
 from absl.testing import absltest
+from flax import nnx
 
 from big_vision_like import checkpoint as checkpoint_lib
 from big_vision_like import train, transfer
-from big_vision_like.models import layers
+from big_vision_like.models import hf_checkpoint, layers
 from big_vision_like.parallel import mesh as mesh_lib
 from big_vision_like.parallel import sharding
 from big_vision_like.registry import ConfigError
@@ -160,6 +161,24 @@ class TransferTest(absltest.TestCase):
     self.assertRegex("\n".join(logs.output), r"resampled\s+1  backbone/pos_embedding "
                      r"\(grid 8x8 -> 12x12, bilinear\)")
 
+  def test_swin_bias_tables_are_resampled_to_another_window(self):
+    swin = {"name": "swin", "num_classes": 10, "patch_size": 1, "embed_dim": 8,
+            "depths": (1,), "num_heads": (2,), "image_size": 8, "channels": 1}
+    source = os.path.join(self.root, "swin")
+    train.train_and_evaluate(tiny(**{"model": {**swin, "window_size": 4}, "total_steps": 1}),
+                             source)
+    saved = flat(helpers.restore_state(source)[1])
+    config = tiny(**{"model": {**swin, "window_size": 2}, "init.path": source})
+    with self.assertLogs(level="INFO") as logs:
+      _, state = initialised(config)
+    tables = [n for n in saved if n.endswith("bias_table/value")]
+    self.assertNotEmpty(tables)
+    for name in tables:
+      want = layers.resample_posemb(saved[name][None], (7, 7), (3, 3), method="bicubic")[0]
+      np.testing.assert_allclose(flat(state)[name], want, atol=1e-6, err_msg=name)
+    self.assertRegex("\n".join(logs.output), r"resampled\s+%d  backbone/\S+bias_table "
+                     r"\(window 4 -> 2, bicubic\)" % len(tables))
+
   def test_bad_input_is_a_one_line_error_and_nothing_is_written(self):
     not_a_run = self.create_tempdir().full_path
     with open(os.path.join(not_a_run, "notes.txt"), "w") as f:
@@ -242,6 +261,69 @@ class TransferTest(absltest.TestCase):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_array_equal(x, y)
     self.assertEqual(helpers.train_losses(straight), helpers.train_losses(resumed))
+
+
+HF_DIRS = os.path.join(os.path.dirname(__file__), "fixtures", "hf_dirs")
+
+
+class HuggingFaceInitTest(absltest.TestCase):
+  """config.init.path at a HuggingFace / timm checkpoint directory (tiny random models
+  saved by save_pretrained / timm, with their reference outputs: fixtures/hf_dirs)."""
+
+  def hf_config(self, name, **overrides):
+    converted = hf_checkpoint.convert(hf_checkpoint.read(os.path.join(HF_DIRS, name)))
+    config = tiny(**{"init.path": os.path.join(HF_DIRS, name)})
+    config.model = dict(converted.model)
+    for key, value in overrides.items():
+      config.model[key] = value
+    return config, converted
+
+  def logits(self, config, images):
+    mesh = mesh_lib.make_mesh(mesh_lib.config_axes(config))
+    with jax.set_mesh(mesh), sharding.use_rules(config.sharding_rules):
+      trainer = train.Trainer(config, mesh, steps_per_epoch=1)
+      state = transfer.apply(config, trainer, trainer.init_state())
+      objective = nnx.merge(trainer.graphdef, *trainer.eval_state(state))
+      return np.asarray(objective.classify(jax.numpy.asarray(images)))
+
+  def test_a_fine_tuning_run_starts_as_the_hf_model_predicts(self):
+    config, _ = self.hf_config("vit")
+    with np.load(os.path.join(HF_DIRS, "vit", "expected.npz")) as f:
+      expected = dict(f)
+    with self.assertLogs(level="INFO") as logs:
+      logits = self.logits(config, expected["pixel_values_nhwc"])
+    np.testing.assert_allclose(logits, expected["logits"], atol=1e-5, rtol=0)
+    table = "\n".join(logs.output)
+    self.assertIn("(HF ViTForImageClassification (model_type 'vit'), 2 layers, width 32, "
+                  "'backbone' -> 'backbone'; 0 source parameters unused)", table)
+    self.assertRegex(table, r"left at init\s+0")
+
+  def test_another_grid_and_class_count(self):
+    config, converted = self.hf_config("timm_vit", image_size=48, num_classes=3)
+    with self.assertLogs(level="INFO") as logs:
+      _, state = initialised(config)
+    pos = converted.params["backbone"]["pos_embedding"]
+    want = layers.resample_posemb(pos, (4, 4), (6, 6), method="bicubic_antialias")
+    np.testing.assert_allclose(flat(state)["backbone/pos_embedding/value"], want, atol=1e-6)
+    table = "\n".join(logs.output)
+    self.assertIn("backbone/pos_embedding (grid 4x4 -> 6x6, bicubic_antialias)", table)
+    self.assertRegex(table, r"left at init\s+2  backbone/head/bias \(classes 5 -> 3\)")
+
+  def test_bad_input_is_one_line(self):
+    config, _ = self.hf_config("vit", width=48, num_heads=4)
+    with self.assertRaisesRegex(ConfigError, r"^config.init: backbone/\S+ has shape .* in "
+                                r".*hf_dirs/vit but .* in this run \(config.model\); the "
+                                r"checkpoint's model is \{'name': 'vit', .*'width': 32"):
+      initialised(config)
+    torch_only = self.create_tempdir().full_path
+    shutil.copy(os.path.join(HF_DIRS, "vit", "config.json"), torch_only)
+    open(os.path.join(torch_only, "pytorch_model.bin"), "wb").close()
+    config.init.path = torch_only
+    with self.assertRaisesRegex(ConfigError, r"pytorch_model.bin.*safetensors[^\n]*$"):
+      initialised(config)
+    config.init.path = os.path.join(HF_DIRS, "vit") + ":3"
+    with self.assertRaisesRegex(ConfigError, "checkpoint directory has no steps$"):
+      initialised(config)
 
 
 if __name__ == "__main__":

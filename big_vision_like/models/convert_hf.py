@@ -82,7 +82,7 @@ def load_hf_vit(state_dict: dict[str, Any], hf_config: dict[str, Any]):
                 num_heads=hf_config["num_attention_heads"],
                 image_size=hf_config["image_size"], channels=channels, pool="cls",
                 posemb="learn", ln_eps=hf_config.get("layer_norm_eps", 1e-12),
-                head_zero_init=False)
+                head_zero_init=False, posemb_resample="bicubic")
   conv = sd["embeddings.patch_embeddings.projection.weight"]  # [D, C, p, p]
   pos = sd["embeddings.position_embeddings"]  # [1, 1 + N, D], class token first
   params = {
