@@ -79,7 +79,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.optim.lr_mult = ()
 
   # Start from another run's checkpoint at step 0 (transfer.py; a resume ignores it).
-  # path: a workdir of this codebase, `DIR:STEP` for another step than its newest;
+  # path: a workdir of this codebase (`DIR:STEP` for another step than its newest)
+  # or a HuggingFace / timm checkpoint directory (config.json + *.safetensors);
   # source / target: subtrees ('backbone', 'teacher/backbone'), '' = each objective's
   # backbone; skip: regexes of target parameter paths left at their init.
   c.init = ml_collections.ConfigDict()
@@ -87,6 +88,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.init.source = ""
   c.init.target = ""
   c.init.skip = ()
+  # True: config.model takes the checkpoint's architecture (all but num_classes,
+  # image_size, drop_path, head_zero_init, dtypes, attention, remat, scan).
+  c.init.model = False
 
   # name -> evaluator config; data fields default to config.input's.
   c.evals = ml_collections.ConfigDict()

@@ -383,6 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_and_evaluate(config, workdir: str, term: _Terminate) -> dict[str, float]:
+  transfer.resolve_model(config)  # config.init.model: the checkpoint's architecture
   configuration.validate(config)
   init_plan = _check_before_writing(config, workdir)
   lock, error = None, None
@@ -434,7 +435,8 @@ def _run(config, workdir: str, term: _Terminate, init_plan=None) -> dict[str, fl
         state, start = trainer.init_state(), 0
         if config.init.path:  # step 0 only: a resume restores the run's own checkpoint
           state = transfer.apply(config, trainer, state, init_plan)
-        logging.info("Starting from scratch: %d steps (%.1f epochs of %d examples).",
+        logging.info("Starting %s: %d steps (%.1f epochs of %d examples).",
+                     "from config.init" if config.init.path else "from scratch",
                      trainer.total_steps, trainer.total_steps / steps_per_epoch,
                      len(train_source))
       else:

@@ -43,6 +43,7 @@ parameters included). Leaf by leaf, by relative path:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import types
@@ -188,6 +189,7 @@ def _workdir_source(spec: str, directory: str, step: int | None) -> Source:
                 read=read, resample=config.model.get("posemb_resample", "bilinear"))
 
 
+@functools.lru_cache(maxsize=1)  # resolve_model, then plan: one read of the files
 def _hf_source(directory: str) -> Source:
   checkpoint = hf_checkpoint.read(directory)
   converted = hf_checkpoint.convert(checkpoint)
@@ -206,6 +208,27 @@ def _hf_source(directory: str) -> Source:
       read=lambda abstract: {k: arrays[k[1:]] for k in abstract},
       resample=converted.model.get("posemb_resample") or (
           "bicubic_antialias" if checkpoint.kind == "timm" else "bicubic"))
+
+
+# Fields of config.model that stay this run's with `config.init.model`: the task
+# (classes, input size, a fresh head's init) and how it runs, not the architecture.
+RUN_FIELDS = ("num_classes", "image_size", "drop_path", "head_zero_init", "dtype",
+              "param_dtype", "attention", "remat", "scan")
+
+
+def resolve_model(config) -> None:
+  """`config.init.model=True`: this run's config.model takes the checkpoint's
+  architecture (every field but RUN_FIELDS), so a fine-tuning of a published
+  checkpoint needs no hand-copied widths, depths, epsilons."""
+  if not (config.init.path and config.init.get("model")):
+    return
+  model = {k: v for k, v in open_source(config.init.path).model.items()
+           if k not in RUN_FIELDS}
+  keep = {k: config.model[k] for k in RUN_FIELDS if k in config.model}
+  if model.get("name") != config.model.get("name"):
+    keep = {k: v for k, v in keep.items() if k in ("num_classes", "image_size")}
+  with config.unlocked():
+    config.model = ml_collections.ConfigDict({**model, **keep})
 
 
 # -- the plan -----------------------------------------------------------------
@@ -398,6 +421,7 @@ def apply(config, trainer, state: dict, init_plan: Plan | None = None) -> dict:
   if "ema_params" in state:  # EMA parameters start equal to the loaded ones
     state["ema_params"] = replace("params", state["ema_params"])
   _log(init_plan)
+  _hf_source.cache_clear()  # the checkpoint's arrays are in the state now
   return state
 
 

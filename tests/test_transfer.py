@@ -298,6 +298,22 @@ class HuggingFaceInitTest(absltest.TestCase):
                   "'backbone' -> 'backbone'; 0 source parameters unused)", table)
     self.assertRegex(table, r"left at init\s+0")
 
+  def test_init_model_takes_the_checkpoints_architecture(self):
+    config = tiny(**{"init.path": os.path.join(HF_DIRS, "vit"), "init.model": True,
+                     "model.num_classes": 3, "model.image_size": 48})
+    transfer.resolve_model(config)  # what train_and_evaluate does first
+    with self.assertLogs(level="INFO") as logs:
+      initialised(config)
+    _, converted = self.hf_config("vit")
+    for key, value in converted.model.items():
+      if key not in transfer.RUN_FIELDS:
+        self.assertEqual(config.model[key], value, key)
+    self.assertEqual((config.model.num_classes, config.model.image_size), (3, 48))
+    self.assertNotIn("head_zero_init", config.model)  # this run's: a new head starts at 0
+    self.assertEqual(config.model.width, 32)
+    self.assertRegex("\n".join(logs.output), r"resampled\s+1  backbone/pos_embedding "
+                     r"\(grid 4x4 -> 6x6, bicubic\)")
+
   def test_another_grid_and_class_count(self):
     config, converted = self.hf_config("timm_vit", image_size=48, num_classes=3)
     with self.assertLogs(level="INFO") as logs:
