@@ -10,6 +10,7 @@ a public layout as it is distributed.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
@@ -124,6 +125,24 @@ def pil_reason(error: Exception) -> str:
   return " ".join(str(error).split()) or type(error).__name__
 
 
+@functools.lru_cache(maxsize=2)
+def _scan_tar(path: str, mtime_ns: int, size: int) -> tuple[str, dict]:
+  """('tar', {file: (offset, size)}) or, compressed, ('tar_mem', {file: bytes}): one
+  scan per archive (and version of it) per process, though the train split, the
+  test split and the class list each open it."""
+  del mtime_ns, size  # the cache key: a rewritten archive is scanned again
+  if not tarfile.is_tarfile(path):
+    raise ConfigError(f"{path} is neither a directory nor a tar archive")
+  compressed = path.endswith(("gz", "bz2", "xz"))
+  files = {}
+  with tarfile.open(path) as tar:
+    for member in tar:
+      if member.isfile():
+        files[member.name] = (tar.extractfile(member).read() if compressed
+                              else (member.offset_data, member.size))
+  return ("tar_mem" if compressed else "tar"), files
+
+
 class FileTree:
   """Files of a directory, a .tar or a compressed tar, by relative '/' path.
 
@@ -151,22 +170,18 @@ class FileTree:
       self.names = [n for n in self.names if keep(n)]
       return
     try:
-      if not tarfile.is_tarfile(path):
-        raise ConfigError(f"{path} is neither a directory nor a tar archive")
-      compressed = path.endswith(("gz", "bz2", "xz"))
-      self.kind = "tar_mem" if compressed else "tar"
-      with tarfile.open(path) as tar:
-        for member in tar:
-          if member.isfile():
-            seen(member.name)
-          if member.isfile() and keep(member.name):
-            if compressed:
-              self._blobs[member.name] = tar.extractfile(member).read()
-            else:
-              self._offsets[member.name] = (member.offset_data, member.size)
+      stat = os.stat(path)
+      self.kind, files = _scan_tar(path, stat.st_mtime_ns, stat.st_size)
     except (tarfile.TarError, OSError, EOFError) as e:
       raise ConfigError(f"cannot read tar archive {path}: {e}") from e
-    self.names = sorted(self._blobs or self._offsets)
+    for name in files:
+      seen(name)
+    kept = {name: where for name, where in files.items() if keep(name)}
+    if self.kind == "tar_mem":
+      self._blobs = kept
+    else:
+      self._offsets = kept
+    self.names = sorted(kept)
 
   def location(self, name: str) -> str:
     """Where `name` is, for messages: a path, or `archive.tar:member`."""
