@@ -21,7 +21,8 @@ Which part goes where: `config.init.source` of the checkpoint (default: its
 objective's `backbone_path`, DINO's teacher) into `config.init.target` of this
 run (default: this objective's `init_targets`, its backbone; DINO's student
 and teacher), in its trainable params and its other state alike (frozen
-parameters included). Leaf by leaf, by relative path:
+parameters included). 'all' is the whole objective: a CLIP / SigLIP checkpoint
+into a CLIP / SigLIP run, both towers, projections and temperature. Leaf by leaf, by relative path:
   - same path and shape: loaded (cast to this run's dtype);
   - a classification head ('head' in the path) whose class count differs:
     left at init (zero-initialised), logged;
@@ -73,12 +74,15 @@ def split_path(spec: str) -> tuple[str, int | None]:
   return spec, None
 
 
+WHOLE = "all"  # init.source / init.target: the whole objective (both towers of a CLIP)
+
+
 def _subtree(spec: str) -> tuple[str, ...]:
   return tuple(k for k in spec.strip("/").split("/") if k)
 
 
 def _name(keys) -> str:
-  return "/".join(str(k) for k in keys)
+  return "/".join(str(k) for k in keys) or WHOLE
 
 
 def _keys(path) -> tuple:
@@ -303,8 +307,12 @@ def plan(config, target_objective=None) -> Plan:
   source = open_source(config.init.path)
   target_obj = target_objective or _abstract_objective(config)
   src = _subtree(config.init.source) or tuple(source.objective.backbone_path)
+  if config.init.source == WHOLE:
+    src = ()
   targets = ((_subtree(config.init.target),) if config.init.target
              else tuple(tuple(t) for t in target_obj.init_targets))
+  if config.init.target == WHOLE:
+    targets = ((),)
   have = {}
   for section, tree in source.sections.items():
     have.update(_leaves(tree, section, src))

@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import safetensors.numpy
 from absl.testing import absltest
 from flax import nnx
 
@@ -17,7 +18,7 @@ from big_vision_like.models import hf_checkpoint, layers
 from big_vision_like.parallel import mesh as mesh_lib
 from big_vision_like.parallel import sharding
 from big_vision_like.registry import ConfigError
-from tests import helpers
+from tests import helpers, test_parity
 
 sys.path.insert(0, helpers.REPO)
 
@@ -324,6 +325,31 @@ class HuggingFaceInitTest(absltest.TestCase):
     table = "\n".join(logs.output)
     self.assertIn("backbone/pos_embedding (grid 4x4 -> 6x6, bicubic_antialias)", table)
     self.assertRegex(table, r"left at init\s+2  backbone/head/bias \(classes 5 -> 3\)")
+
+  def test_a_clip_checkpoint_into_a_clip_run_both_towers(self):
+    hf_config, state_dict, inputs, expected = test_parity.load_arrays("clip")
+    directory = self.create_tempdir().full_path
+    with open(os.path.join(directory, "config.json"), "w") as f:
+      json.dump(hf_config, f)
+    safetensors.numpy.save_file(state_dict, os.path.join(directory, "model.safetensors"))
+    converted = hf_checkpoint.convert(hf_checkpoint.read(directory))
+    config = tiny(**{"init.path": directory, "init.source": "all", "init.target": "all"})
+    config.model, config.objective = converted.model, converted.objective
+    config.input.transforms = [{"name": "tokenize"}]
+    config.input.tokenizer.max_len = hf_config["text_config"]["max_position_embeddings"]
+    mesh = mesh_lib.make_mesh(mesh_lib.config_axes(config))
+    with jax.set_mesh(mesh), sharding.use_rules(config.sharding_rules):
+      trainer = train.Trainer(config, mesh, steps_per_epoch=1)
+      with self.assertLogs(level="INFO") as logs:
+        state = transfer.apply(config, trainer, trainer.init_state())
+      objective = nnx.merge(trainer.graphdef, *trainer.eval_state(state))
+      image = objective.embed_image(jax.numpy.asarray(inputs["pixel_values_nhwc"]))
+      text = objective.embed_text(jax.numpy.asarray(inputs["input_ids"]))
+    np.testing.assert_allclose(image, expected["image_embeds"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(text, expected["text_embeds"], atol=1e-5, rtol=0)
+    table = "\n".join(logs.output)
+    self.assertIn("'all' -> 'all'; 0 source parameters unused", table)
+    self.assertRegex(table, r"left at init\s+0")
 
   def test_bad_input_is_one_line(self):
     config, _ = self.hf_config("vit", width=48, num_heads=4)
