@@ -149,7 +149,7 @@ class Checkpointer:
     self.read_only = read_only
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep, create=not read_only,
-        cleanup_tmp_directories=not read_only,
+        cleanup_tmp_directories=not read_only, save_interval_steps=0 if read_only else 1,
         read_only=read_only, enable_async_checkpointing=asynchronous)
     self._manager = self._open()
     self._saving: int | None = None  # the step of the last save not yet checked
