@@ -19,13 +19,15 @@ import jax.numpy as jnp
 import ml_dtypes
 from flax import nnx
 
+from big_vision_like import train, transfer
 from big_vision_like.models import MODELS, convert_hf, hf_checkpoint
+from big_vision_like.objectives import masked
 from big_vision_like.registry import ConfigError
-from tests import fake_gcs, test_parity
+from tests import fake_gcs, helpers, test_parity
 
 DIRS = os.path.join(os.path.dirname(__file__), "fixtures", "hf_dirs")
 NAMES = ["vit", "vit_sharded", "dinov2", "clip_vision", "siglip_vision", "timm_vit",
-         "timm_vit_b", "timm_vit_gap"]
+         "timm_vit_b", "timm_vit_gap", "timm_vit_reg", "timm_vit_reg_g"]
 
 
 def build(converted):
@@ -39,6 +41,16 @@ def build(converted):
     backbone = nnx.eval_shape(lambda: MODELS.build(name, model, rngs=nnx.Rngs(0)))
   convert_hf.assign(backbone, converted.params["backbone"], where=converted.description)
   return backbone
+
+
+def build_objective(converted):
+  """The converted objective on the tiny default config, built abstractly as `build`."""
+  config = helpers.tiny_config()
+  config.model, config.objective = converted.model, converted.objective
+  with nnx.use_eager_sharding(False):
+    objective = nnx.eval_shape(lambda: train.build_objective(config, seed=0))
+  convert_hf.assign(objective, converted.params, where=converted.description)
+  return objective
 
 
 def forward(backbone, images):
@@ -143,6 +155,84 @@ class VisionTowerTest(parameterized.TestCase):
 
 def flat(tree):
   return dict(convert_hf._flatten(tree))  # pylint: disable=protected-access
+
+
+# What transformers 5.24's save_pretrained writes for ViTMAEForPreTraining -> the other
+# namings of the same tensors: the published one (transformers 4, which 5 reads too:
+# only the decoder's layers differ) and transformers 5's in-memory one.
+_MAE_NAMES = {
+    "transformers_4": [("decoder.decoder_encoder.layer.", "decoder.decoder_layers.")],
+    "in_memory": [("decoder.decoder_encoder.layer.", "decoder.decoder_layers."),
+                  ("vit.encoder.layer.", "vit.layers."),
+                  (".attention.attention.query.", ".attention.q_proj."),
+                  (".attention.attention.key.", ".attention.k_proj."),
+                  (".attention.attention.value.", ".attention.v_proj."),
+                  (".attention.output.dense.", ".attention.o_proj."),
+                  (".intermediate.dense.", ".mlp.fc1."), (".output.dense.", ".mlp.fc2.")],
+}
+
+
+class MaeDirectoryTest(parameterized.TestCase):
+  """ViTMAEForPreTraining as save_pretrained leaves it: our mae objective, the same
+  noise and mask, computes HF's encoder output, patches and loss."""
+
+  def test_matches_reference(self):
+    converted = hf_checkpoint.convert(hf_checkpoint.read(os.path.join(DIRS, "vit_mae")))
+    self.assertEqual(converted.objective["name"], "mae")
+    with np.load(os.path.join(DIRS, "vit_mae", "expected.npz")) as f:
+      expected = dict(f)
+    graphdef, state = nnx.split(build_objective(converted))
+
+    @jax.jit
+    def run(state, images, noise):
+      obj = nnx.merge(graphdef, state)
+      pred, mask = obj.predict(images, jax.random.key(0), noise=noise)
+      loss = masked.masked_mse(pred, masked.pixel_targets(images, obj.patch, obj.norm_pix),
+                               mask)
+      x, _ = obj.backbone.embed(images)
+      keep, _, _ = masked.random_masking(noise, obj.mask_ratio)
+      encoded = obj.backbone.encode_tokens(jnp.take_along_axis(x, keep[..., None], axis=1))
+      return pred, mask, loss, encoded
+
+    pred, mask, loss, encoded = run(state, jnp.asarray(expected["pixel_values_nhwc"]),
+                                    jnp.asarray(expected["noise"]))
+    np.testing.assert_array_equal(mask, expected["mask"])
+    np.testing.assert_allclose(pred, expected["logits"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(loss, expected["loss"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(encoded, expected["encoded"], atol=1e-5, rtol=0)
+
+  @parameterized.parameters("transformers_4", "in_memory")
+  def test_other_names_convert_identically(self, naming):
+    source = os.path.join(DIRS, "vit_mae")
+    tensors = safetensors.numpy.load_file(os.path.join(source, "model.safetensors"))
+    self.assertTrue(any(k.startswith("decoder.decoder_encoder.layer.0.") for k in tensors))
+    renamed = {}
+    for key, value in tensors.items():
+      for old, new in _MAE_NAMES[naming]:
+        key = key.replace(old, new)
+      renamed[key] = value
+    directory = self.create_tempdir().full_path
+    shutil.copy(os.path.join(source, "config.json"), directory)
+    safetensors.numpy.save_file(renamed, os.path.join(directory, "model.safetensors"))
+    want = hf_checkpoint.convert(hf_checkpoint.read(source))
+    got = hf_checkpoint.convert(hf_checkpoint.read(directory))
+    self.assertEqual((got.model, got.objective), (want.model, want.objective))
+    self.assertEqual(sorted(flat(got.params)), sorted(flat(want.params)))
+    for path, value in flat(want.params).items():
+      np.testing.assert_array_equal(flat(got.params)[path], value, err_msg=str(path))
+
+  def test_init_takes_the_encoder(self):
+    """config.init.path at it: this run's backbone loads the whole encoder, nothing else."""
+    converted = hf_checkpoint.convert(hf_checkpoint.read(os.path.join(DIRS, "vit_mae")))
+    config = helpers.tiny_config(**{"init.path": os.path.join(DIRS, "vit_mae")})
+    config.model = dict(converted.model, num_classes=3)
+    plan = transfer.plan(config)
+    encoder = {("hf", "backbone") + path for path in flat(converted.params["backbone"])}
+    self.assertEqual({src for src, _, _ in plan.moves.values()}, encoder)
+    self.assertEqual(plan.unused, 0)  # of the backbone
+    self.assertEqual(plan.rows["left at init"],
+                     ["backbone/head/bias (not in the source)",
+                      "backbone/head/kernel (not in the source)"])
 
 
 class DispatchTest(parameterized.TestCase):
@@ -266,7 +356,9 @@ class ErrorTest(parameterized.TestCase):
       ("unknown_architecture", {"architecture": "vit_base_patch16_clip_224"}, None,
        r"timm architecture 'vit_base_patch16_clip_224' is not one whose defaults"),
       ("qkv_bias", {"model_args.qkv_bias": False}, None,
-       r"timm model_args qkv_bias=False is not mapped onto our ViT yet"),
+       r"timm model_args qkv_bias=False but the tensors have qkv_bias=True"),
+      ("reg_tokens", {"model_args.reg_tokens": 4}, None,
+       r"timm model_args reg_tokens=4 but the tensors have reg_tokens=0"),
       ("unknown_option", {"model_args.attn_layer": "diff"}, None,
        r"timm model_args attn_layer='diff' is not mapped"),
       ("activation", {"model_args.act_layer": "silu"}, None,
@@ -279,12 +371,44 @@ class ErrorTest(parameterized.TestCase):
       ("extra_tensor", None, {"blocks.0.attn.q_norm.weight": np.ones(8, np.float32)},
        r"tensors not mapped onto our ViT: blocks.0.attn.q_norm.weight"),
       ("no_qkv_bias", None, {"blocks.0.attn.qkv.bias": None, "blocks.1.attn.qkv.bias": None},
-       r"no blocks.0.attn.qkv.bias \(qkv_bias=False\)"),
+       r"timm model_args qkv_bias=True but the tensors have qkv_bias=False"),
+      ("gated_tensors", None, {"blocks.0.mlp.fc1.weight": np.ones((128, 32), np.float32)},
+       r"blocks.0.mlp is gated \(fc1 \(128, 32\), fc2 \(32, 64\)\) but the "
+       r"architecture's mlp_layer is Mlp"),
       ("wrong_image_size", {"model_args.img_size": 64}, None,
        r"pos_embed has 17 positions; image size \(64, 64\) in patches of 8 gives 64 \+ 1"),
   )
   def test_timm_refusals(self, config, tensors, regex):
     self.assert_one_line(regex, copy_dir(self, "timm_vit", config, tensors))
+
+  @parameterized.named_parameters(
+      ("pool_include_prefix", "timm_vit_reg",
+       {"model_args.class_token": False, "model_args.global_pool": "avg",
+        "model_args.fc_norm": False, "model_args.pool_include_prefix": True},
+       {"cls_token": None}, r"pool_include_prefix=True with registers does not map"),
+      ("registers_without_positions", "timm_vit_reg", {"model_args.no_embed_class": False},
+       None, r"pos_embed has 16 positions; .* gives 16 \+ 1 class token \+ 2 registers$"),
+      ("swiglu_activation", "timm_vit_reg_g", {"model_args.act_layer": "gelu"}, None,
+       r"SwiGLUPacked with act_layer='gelu' does not map: our SwiGLU gates with SiLU"),
+      ("not_gated", "timm_vit_reg_g", {"architecture": "vit_large_patch14_reg4_dinov2"},
+       None, r"blocks.0.mlp is gated .* but the architecture's mlp_layer is Mlp"),
+      ("gated_expected", "timm_vit_reg", {"architecture": "vit_giant_patch14_reg4_dinov2"},
+       None,
+       r"blocks.0.mlp is not gated .* but the architecture's mlp_layer is SwiGLUPacked"),
+  )
+  def test_timm_register_and_swiglu_refusals(self, name, config, tensors, regex):
+    self.assert_one_line(regex, copy_dir(self, name, config, tensors))
+
+  def test_timm_registers_from_the_name(self):
+    """vit_*_patch14_reg4_dinov2: 4 registers, no position embedding on the prefix;
+    the giant's SwiGLUPacked; bias-free query / key / value from the tensors."""
+    reg = hf_checkpoint.convert(hf_checkpoint.read(os.path.join(DIRS, "timm_vit_reg"))).model
+    self.assertEqual((reg["num_registers"], reg["qkv_bias"], reg["mlp"], reg["layerscale"]),
+                     (2, False, "mlp", 0.1))
+    giant = hf_checkpoint.convert(hf_checkpoint.read(os.path.join(DIRS, "timm_vit_reg_g")))
+    self.assertEqual((giant.model["num_registers"], giant.model["mlp"],
+                      giant.model["mlp_dim"]), (4, "swiglu", 24))
+    self.assertIn("gate", giant.params["backbone"]["blocks"][0]["mlp"])
 
   def test_timm_heads_from_the_name(self):
     """Without model_args, heads come from the architecture (tiny: 3 of width 32: refused)."""

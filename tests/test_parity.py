@@ -130,6 +130,15 @@ class PerceiverParityTest(parameterized.TestCase):
     np.testing.assert_allclose(aux["latents"], expected["latents"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(logits, expected["logits"], atol=1e-5, rtol=0)
 
+  def test_other_preprocessors_refused(self):
+    """ConvProcessing's conv + batch norm (its Fourier features at 56 x 56) is not read
+    as the Fourier classifier's raw pixels."""
+    config, state_dict, _, _ = load_fixture("perceiver_fourier")
+    state_dict["perceiver.input_preprocessor.convnet.conv.weight"] = np.ones((64, 3, 7, 7))
+    with self.assertRaisesRegex(ConfigError, r"^HF Perceiver preprocessor tensor "
+                                r"input_preprocessor.convnet.conv.weight does not map"):
+      convert_hf.load_hf_perceiver(state_dict, config)
+
 
 def build_objective(model, objective, text_len=None):
   """Our objective from a converter's config fields, on the tiny default config.

@@ -213,9 +213,20 @@ def _perceiver_layer(sd, prefix, cross: bool):
   return layer
 
 
+_LEARNED_PREP = {f"input_preprocessor.{n}" for n in (
+    "convnet_1x1.weight", "convnet_1x1.bias", "position_embeddings.position_embeddings",
+    "positions_projection.weight", "positions_projection.bias")}
+
+
 def load_hf_perceiver(state_dict: dict[str, Any], hf_config: dict[str, Any]):
   """Returns (Perceiver kwargs, parameters) for HF PerceiverForImageClassification
-  Learned (conv1x1 + learned positions) or Fourier (pixels + Fourier features)."""
+  Learned (conv1x1 + learned positions) or Fourier (pixels + Fourier features).
+
+  The Fourier classifier's features are not in its config: transformers fixes them
+  (64 bands, max resolution 224 x 224, positions concatenated, sine and cosine), so
+  every such checkpoint has those. Another preprocessor (ConvProcessing's conv +
+  batch norm, Fourier at 56 x 56) is refused by its tensors.
+  """
   sd = {k[len("perceiver."):] if k.startswith("perceiver.") else k: np.asarray(v, np.float32)
         for k, v in state_dict.items()}
   if hf_config.get("hidden_act", "gelu") != "gelu":
@@ -223,6 +234,11 @@ def load_hf_perceiver(state_dict: dict[str, Any], hf_config: dict[str, Any]):
   if hf_config.get("v_channels") not in (None, hf_config.get("qk_channels")):
     raise ConfigError("HF Perceiver with v_channels != qk_channels does not map")
   learned = "input_preprocessor.convnet_1x1.weight" in sd
+  other = sorted(k for k in sd if k.startswith("input_preprocessor.")
+                 and k not in (_LEARNED_PREP if learned else ()))
+  if other:
+    raise ConfigError(f"HF Perceiver preprocessor tensor {other[0]} does not map: only the "
+                      f"image classifiers Learned (conv1x1) and Fourier (raw pixels) do")
   size = hf_config["image_size"]
   decode = "decoder.decoder.decoding_cross_attention"
   kwargs = dict(
@@ -270,7 +286,10 @@ def load_hf_perceiver(state_dict: dict[str, Any], hf_config: dict[str, Any]):
 _ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu",
                 "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
-# transformers 4 block names -> 5, for DINOv2 and the MAE encoder and decoder
+# transformers 4 block names -> 5, for DINOv2 and the MAE encoder and decoder. The MAE
+# decoder's layers are `decoder.decoder_layers.N` in both, but transformers 5's
+# save_pretrained writes `decoder.decoder_encoder.layer.N` (its ViT rule `encoder.layer.`
+# <-> `layers.` reversed inside `decoder_layers.`; seen with 5.24), which it reads back.
 _LEGACY_BLOCK = [
     (r"\.attention\.attention\.query\.", ".attention.q_proj."),
     (r"\.attention\.attention\.key\.", ".attention.k_proj."),
@@ -279,6 +298,7 @@ _LEGACY_BLOCK = [
     (r"\.intermediate\.dense\.", ".mlp.fc1."),
     (r"\.output\.dense\.", ".mlp.fc2."),
     (r"^vit\.encoder\.layer\.", "vit.layers."),
+    (r"^decoder\.decoder_encoder\.layer\.", "decoder.decoder_layers."),
 ]
 
 
@@ -353,74 +373,36 @@ def load_hf_clip(state_dict: dict[str, Any], hf_config: dict[str, Any]):
   """
   sd = _rename(state_dict)
   vc, tc = hf_config["vision_config"], hf_config["text_config"]
-  patch, channels = vc["patch_size"], vc.get("num_channels", 3)
-  model = dict(name="vit", pool="cls", pre_norm=True, patch_bias=False,
-               mlp_activation=_activation(vc, "CLIP vision"), ln_eps=vc["layer_norm_eps"],
-               **_image_arch(vc))
+  kwargs, image = load_hf_clip_vision(sd, vc)
   text, text_params = _clip_text(sd, tc, "CLIP text", causal=True, pool="eos",
                                  mask_padding=True)
   objective = dict(name="clip", embed_dim=hf_config["projection_dim"], text=text)
-  v = "vision_model"
-  pos = sd[f"{v}.embeddings.position_embedding.weight"]  # [1 + N, D], class token first
-  image = {
-      "embedding": _patch(sd, f"{v}.embeddings.patch_embedding", patch, channels),
-      "cls_token": (sd[f"{v}.embeddings.class_embedding"] + pos[0])[None, None],
-      "pos_embedding": pos[None, 1:],
-      "pre_norm": _norm(sd, f"{v}.pre_layrnorm"),
-      "blocks": _clip_blocks(sd, v, vc["num_hidden_layers"]),
-      "norm": _norm(sd, f"{v}.post_layernorm"),
-  }
   params = {"backbone": image, "text_tower": text_params,
             "image_proj": {"kernel": sd["visual_projection.weight"].T},
             "text_proj": {"kernel": sd["text_projection.weight"].T},
             "log_scale": sd["logit_scale"].reshape(())}
-  return model, objective, params
+  return dict(name="vit", **kwargs), objective, params
 
 
 def load_hf_siglip(state_dict: dict[str, Any], hf_config: dict[str, Any]):
   """(config.model, config.objective, parameters) of our `siglip` for an HF SiglipModel.
 
-  The image embedding is the MAP head's output (no projection); torch's
-  MultiheadAttention packs query, key and value into one in_proj, split here.
+  The image embedding is the MAP head's output (no projection), so the image
+  tower must have that head (load_hf_siglip_vision refuses it otherwise).
   """
   sd = _rename(state_dict)
   vc, tc = hf_config["vision_config"], hf_config["text_config"]
-  if not vc.get("vision_use_head", True):
-    raise ConfigError("HF SigLIP without the attention-pooling head does not map onto our "
-                      "siglip (its image embedding is the MAP head's output)")
   if tc.get("projection_size", tc["hidden_size"]) != vc["hidden_size"]:
     raise ConfigError(f"HF SigLIP text projection_size={tc['projection_size']} differs from "
                       f"the image width {vc['hidden_size']}; our siglip embeds in the image width")
-  patch, channels = vc["patch_size"], vc.get("num_channels", 3)
-  model = dict(name="vit", pool="map", mlp_activation=_activation(vc, "SigLIP vision"),
-               ln_eps=vc["layer_norm_eps"], **_image_arch(vc))
+  kwargs, image = load_hf_siglip_vision(sd, vc)
   text, text_params = _clip_text(sd, tc, "SigLIP text", causal=False, pool="last",
                                  mask_padding=False)
   objective = dict(name="siglip", image_projection=False, text_projection_bias=True, text=text)
-  h = "vision_model.head"
-  query, key, value = np.split(sd[f"{h}.attention.in_proj_weight"].T, 3, axis=1)
-  query_bias, key_bias, value_bias = np.split(sd[f"{h}.attention.in_proj_bias"], 3)
-  map_head = {
-      "probe": sd[f"{h}.probe"],
-      "attn": {"query": {"kernel": query, "bias": query_bias},
-               "key": {"kernel": key, "bias": key_bias},
-               "value": {"kernel": value, "bias": value_bias},
-               "out": _linear(sd, f"{h}.attention.out_proj")},
-      "norm": _norm(sd, f"{h}.layernorm"),
-      "mlp": {"fc1": _linear(sd, f"{h}.mlp.fc1"), "fc2": _linear(sd, f"{h}.mlp.fc2")},
-  }
-  v = "vision_model"
-  image = {
-      "embedding": _patch(sd, f"{v}.embeddings.patch_embedding", patch, channels),
-      "pos_embedding": sd[f"{v}.embeddings.position_embedding.weight"][None],
-      "blocks": _clip_blocks(sd, v, vc["num_hidden_layers"]),
-      "norm": _norm(sd, f"{v}.post_layernorm"),
-      "map_head": map_head,
-  }
   params = {"backbone": image, "text_tower": text_params,
             "text_proj": _linear(sd, "text_model.head"),
             "log_t": sd["logit_scale"].reshape(()), "bias": sd["logit_bias"].reshape(())}
-  return model, objective, params
+  return dict(name="vit", **kwargs), objective, params
 
 
 def _swiglu_hidden(width: int, mlp_ratio: float) -> int:
@@ -508,7 +490,9 @@ def load_hf_dinov2(state_dict: dict[str, Any], hf_config: dict[str, Any]):
 
 
 def load_hf_mae(state_dict: dict[str, Any], hf_config: dict[str, Any]):
-  """(config.model, config.objective, parameters) of our `mae` for HF ViTMAEForPreTraining.
+  """(config.model, config.objective, parameters) of our `mae` for HF ViTMAEForPreTraining,
+  in the published (transformers 4) names, transformers 5's in-memory ones or what its
+  save_pretrained writes (`_LEGACY_BLOCK`).
 
   HF's fixed sin-cos tables are not our sincos2d (other frequencies, h/w
   order), so both load as learned position embeddings. Our decoder adds none
@@ -554,10 +538,10 @@ def load_hf_mae(state_dict: dict[str, Any], hf_config: dict[str, Any]):
   return model, objective, {"backbone": encoder, "decoder": decoder}
 
 
-# -- Image towers alone: CLIPVisionModel(WithProjection), SiglipVisionModel ----
+# -- Image towers: CLIPVisionModel(WithProjection), SiglipVisionModel ----------
 #
-# (ViT kwargs, parameters) like load_hf_vit: the image tower of load_hf_clip /
-# load_hf_siglip (the same parameters), for checkpoints without a text tower.
+# (ViT kwargs, parameters) like load_hf_vit, for checkpoints without a text
+# tower; load_hf_clip / load_hf_siglip build their image tower with them.
 
 def _vision_model(state_dict):
   """transformers 4 (and WithProjection) save the tower under `vision_model.`,
@@ -592,11 +576,12 @@ def load_hf_clip_vision(state_dict: dict[str, Any], hf_config: dict[str, Any]):
 
 
 def load_hf_siglip_vision(state_dict: dict[str, Any], hf_config: dict[str, Any]):
-  """Returns (ViT kwargs, parameters) for an HF SiglipVisionModel (its MAP head included)."""
+  """Returns (ViT kwargs, parameters) for an HF SiglipVisionModel (its MAP head included);
+  torch's MultiheadAttention packs its query, key and value into one in_proj, split here."""
   sd, vc, v = _vision_model(state_dict), hf_config, "vision_model"
   if not vc.get("vision_use_head", True):
-    raise ConfigError("HF SiglipVisionModel with vision_use_head=False does not map: our "
-                      "siglip image tower pools with the attention-pooling (MAP) head")
+    raise ConfigError("HF SigLIP vision_use_head=False does not map: our siglip image tower "
+                      "pools with the attention-pooling (MAP) head")
   kwargs = dict(pool="map", mlp_activation=_activation(vc, "SigLIP vision"),
                 ln_eps=vc["layer_norm_eps"], **_image_arch(vc))
   h = f"{v}.head"
