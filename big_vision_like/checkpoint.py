@@ -47,8 +47,9 @@ from big_vision_like.workdir import StorageError, WriteError
 
 
 # Which config fields shape each part of the state, for mismatch messages.
-_SECTION_FIELDS = {"params": "config.model / config.objective",
-                   "other": "config.objective", "opt_state": "config.optim",
+_SECTION_FIELDS = {"params": "config.model / config.objective / config.optim.frozen",
+                   "other": "config.objective / config.optim.frozen",
+                   "opt_state": "config.optim",
                    "ema_params": "config.optim.ema_decay"}
 
 

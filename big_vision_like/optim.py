@@ -47,20 +47,24 @@ def _path_str(path) -> str:
   return "/".join(names[:-1] if names and names[-1] == "value" else names)
 
 
+def _compile(pattern: str, field: str) -> re.Pattern:
+  try:
+    return re.compile(pattern)
+  except (re.error, TypeError) as e:
+    raise ConfigError(f"{field}: {pattern!r} is not a regex ({e})") from None
+
+
 def frozen_filter(patterns: Sequence[str]):
-  """An nnx filter: the parameters whose path matches one of these regexes."""
-  compiled = [re.compile(p) for p in patterns]
+  """An nnx filter: the parameters whose path ('backbone/blocks/0/...', as
+  `param_names` spells them) matches one of these regexes."""
+  compiled = [_compile(p, "config.optim.frozen") for p in patterns]
   return lambda path, _: any(p.search("/".join(map(str, path))) for p in compiled)
 
 
 def check_patterns(patterns: Sequence[str], names: Sequence[str], field: str) -> None:
   """A regex that matches no parameter is a typo: one-line error naming it."""
   for pattern in patterns:
-    try:
-      compiled = re.compile(pattern)
-    except re.error as e:
-      raise ConfigError(f"{field}: {pattern!r} is not a regex ({e})") from None
-    if not any(compiled.search(n) for n in names):
+    if not any(_compile(pattern, field).search(n) for n in names):
       shown = ", ".join(names[:3])
       raise ConfigError(f"{field}: {pattern!r} matches no parameter (they are named like "
                         f"{shown}, ...)")
@@ -77,15 +81,15 @@ def decay_mask(params: Any, exclude: Sequence[str]) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def layer_scales(params: Any, decay: float) -> Any:
+def layer_scales(params: Any, decay: float, every: Any = None) -> Any:
   """Per-parameter learning-rate factors decay**(depth + 1 - layer) (BEiT-style fine-tuning).
 
   Layer 0 is everything before the first block (embeddings); blocks are found
   by a 'blocks' path element followed by an index (or a stacked leading axis
   when layers are scanned); the rest (final norm, head) is layer depth + 1.
   """
-  paths = jax.tree_util.tree_flatten_with_path(params)[0]
-  depth = 0
+  paths = jax.tree_util.tree_flatten_with_path(params if every is None else every)[0]
+  depth = 0  # of the whole model (`every`: frozen blocks included)
   for path, leaf in paths:
     names = _path_str(path).split("/")
     if "blocks" in names:
@@ -128,8 +132,10 @@ def _scale_by_tree(scales: Any) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def build(optim: Any, params: Any, total_steps: int, steps_per_epoch: int):
-  """Returns (optax transformation, learning-rate schedule) for the trainable `params`."""
+def build(optim: Any, params: Any, total_steps: int, steps_per_epoch: int,
+          every: Any = None):
+  """Returns (optax transformation, learning-rate schedule) for the trainable `params`;
+  `every`: all of them, frozen ones too (layer decay counts the model's depth)."""
   lr = schedule(optim, total_steps, steps_per_epoch)
   name = optim.get("name", "adamw")
   parts = []
@@ -155,12 +161,14 @@ def build(optim: Any, params: Any, total_steps: int, steps_per_epoch: int):
   rules = tuple(optim.get("lr_mult", ()) or ())
   if rules:
     for i, rule in enumerate(rules):
-      if len(rule) != 2:
-        raise ConfigError(f"config.optim.lr_mult[{i}]={tuple(rule)!r}: want (regex, factor)")
+      if not (isinstance(rule, (list, tuple)) and len(rule) == 2
+              and isinstance(rule[0], str) and isinstance(rule[1], (int, float))):
+        raise ConfigError(f"config.optim.lr_mult[{i}]={rule!r}: want (regex, factor), e.g. "
+                          f"config.optim.lr_mult=(('^backbone/', 0.1),)")
     check_patterns([r[0] for r in rules], param_names(params), "config.optim.lr_mult")
     parts.append(_scale_by_tree(lr_multipliers(params, rules)))
   if optim.get("layer_decay"):
-    parts.append(_scale_by_tree(layer_scales(params, optim.layer_decay)))
+    parts.append(_scale_by_tree(layer_scales(params, optim.layer_decay, every)))
   parts.append(optax.scale_by_learning_rate(lr))
   if name == "lars":
     parts.append(optax.trace(decay=optim.get("momentum", 0.9), nesterov=False))

@@ -176,7 +176,7 @@ class Trainer:
     self._log_trainable(abstract, abs_params)
     self.label_ranges = abstract.label_ranges()
     self.tx, self.lr_fn = optim.build(config.optim, abs_params, self.total_steps,
-                                      steps_per_epoch)
+                                      steps_per_epoch, nnx.state(abstract, abstract.trainable))
     self.ema_decay = config.optim.ema_decay
 
     abs_state = jax.eval_shape(self._init_state)
@@ -383,7 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_and_evaluate(config, workdir: str, term: _Terminate) -> dict[str, float]:
-  transfer.resolve_model(config)  # config.init.model: the checkpoint's architecture
+  transfer.resolve_model(config, workdir)  # config.init.model: the checkpoint's architecture
   configuration.validate(config)
   init_plan = _check_before_writing(config, workdir)
   lock, error = None, None
@@ -531,7 +531,10 @@ def _loop(config, trainer, state, start, iterator, evaluators, ckpt, writer, mes
   if missed:
     _evaluate(missed, evaluators, trainer, state, writer, start, total)
   if start == 0 and config.eval_at_start:  # what config.init loaded, before any step
-    _evaluate(list(evaluators), evaluators, trainer, state, writer, 0, total)
+    fresh = [name for name in evaluators  # not yet, by a run killed before its checkpoint
+             if distributed.any_process(jax.process_index() == 0 and not logged(name))]
+    if fresh:
+      _evaluate(fresh, evaluators, trainer, state, writer, 0, total)
   mark_time, mark_step, excluded = time.perf_counter(), start, 0.0
   first_step_time = None
   for step in range(start + 1, total + 1):

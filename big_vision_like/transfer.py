@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import re
 import types
@@ -60,6 +61,7 @@ from flax import nnx
 from big_vision_like import checkpoint as checkpoint_lib
 from big_vision_like import workdir as workdir_lib
 from big_vision_like.models import MODELS, hf_checkpoint, layers
+from big_vision_like.models import vit as vit_lib
 from big_vision_like.registry import ConfigError, first_line
 
 _SHOWN = 4  # names shown per row of the log table
@@ -220,14 +222,18 @@ RUN_FIELDS = ("num_classes", "image_size", "drop_path", "head_zero_init", "dtype
               "param_dtype", "attention", "remat", "scan")
 
 
-def resolve_model(config) -> None:
+def resolve_model(config, workdir: str | None = None) -> None:
   """`config.init.model=True`: this run's config.model takes the checkpoint's
   architecture (every field but RUN_FIELDS), so a fine-tuning of a published
-  checkpoint needs no hand-copied widths, depths, epsilons."""
+  checkpoint needs no hand-copied widths, depths, epsilons. A resume takes it from
+  the run's own config.json: it never reads `init`."""
   if not (config.init.path and config.init.get("model")):
     return
-  model = {k: v for k, v in open_source(config.init.path).model.items()
-           if k not in RUN_FIELDS}
+  if workdir is not None and has_checkpoint(workdir):
+    model = read_source_config(workdir).model.to_dict()
+  else:
+    model = open_source(config.init.path).model
+  model = {k: v for k, v in model.items() if k not in RUN_FIELDS}
   keep = {k: config.model[k] for k in RUN_FIELDS if k in config.model}
   if model.get("name") != config.model.get("name"):
     keep = {k: v for k, v in keep.items() if k in ("num_classes", "image_size")}
@@ -291,21 +297,76 @@ def _nested(flat: dict[tuple, Any]) -> dict:
 
 
 @dataclasses.dataclass
+class Move:
+  """One target leaf: from which source leaves (full key, shape), and how."""
+  sources: list[tuple[tuple, Any]]
+  how: tuple = ()  # () copy; ('grid', old, new); ('table', old, new); ('stack',); ('index', i)
+
+
+@dataclasses.dataclass
 class Plan:
-  """What `apply` does: target full key -> (source full key, source shape, grids)."""
+  """What `apply` does: target full key -> Move."""
   source: Source
-  moves: dict[tuple, tuple]
+  moves: dict[tuple, Move]
   rows: dict[str, list[str]]
   source_paths: tuple
   target_paths: tuple
-  unused: int
+  unused: list[str]
+
+
+# Fields of config.model that may differ from the checkpoint's besides RUN_FIELDS:
+# they change no parameter's meaning (pooling reads the same tokens; the resampling
+# method only applies at other sizes; windows resample their bias tables).
+FREE_FIELDS = ("pool", "posemb_resample", "window_size")
+
+
+def _architecture(model: dict) -> dict:
+  """`model` with its class's defaults filled in and a ViT variant spelt out: what
+  the parameters mean, comparable between two configs."""
+  name = model.get("name")
+  try:
+    signature = inspect.signature(MODELS.get(name).__init__)
+  except Exception:  # pylint: disable=broad-except  # an unknown name errs elsewhere
+    return dict(model)
+  arch = {k: p.default for k, p in signature.parameters.items()
+          if p.default is not inspect.Parameter.empty}
+  arch.update(json.loads(json.dumps(model)))  # tuples and lists alike
+  if name == "vit":
+    for key, value in (vit_lib.parse_variant(arch["variant"]) if arch.get("variant")
+                       else {}).items():
+      arch[key] = value if arch.get(key) is None else arch[key]
+    if arch.get("mlp_dim") is None and arch.get("width"):
+      arch["mlp_dim"] = 4 * arch["width"]
+  for key in ("variant",) + RUN_FIELDS + FREE_FIELDS:
+    arch.pop(key, None)
+  return arch
+
+
+def _check_architecture(config, source: Source) -> None:
+  """Parameters of the same shapes can mean another function (an activation, a norm's
+  epsilon): the checkpoint's config.model and this run's must agree but for
+  RUN_FIELDS and FREE_FIELDS."""
+  theirs, ours = _architecture(source.model), _architecture(config.model.to_dict())
+  differ = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+  if "name" in differ:
+    differ = ["name"]
+  if differ:
+    k = differ[0]
+    more = f" (also {', '.join(differ[1:])})" if len(differ) > 1 else ""
+    raise ConfigError(
+        f"config.init: this run's config.model.{k}={ours.get(k)!r} but the checkpoint's "
+        f"is {theirs.get(k)!r}{more} ({source.where}); set it, or "
+        f"--config.init.model=True to take the checkpoint's architecture")
 
 
 def plan(config, target_objective=None) -> Plan:
-  """Checks `config.init` against this run's shapes (`target_objective`, abstract;
-  built from `config` if not given); reads no arrays and writes nothing."""
+  """Checks `config.init` against this run's architecture and shapes
+  (`target_objective`, abstract; built from `config` if not given); reads no
+  arrays and writes nothing."""
   source = open_source(config.init.path)
   target_obj = target_objective or _abstract_objective(config)
+  if config.init.source in ("", WHOLE) and config.init.target in ("", WHOLE):
+    _check_architecture(config, source)  # the backbones: config.model on both sides
   src = _subtree(config.init.source) or tuple(source.objective.backbone_path)
   if config.init.source == WHOLE:
     src = ()
@@ -323,7 +384,7 @@ def plan(config, target_objective=None) -> Plan:
   sections = _state_sections(config, target_obj)
   skip = [re.compile(p) for p in config.init.skip]
   rows = {row: [] for row in _ROWS}
-  moves: dict[tuple, tuple] = {}
+  moves: dict[tuple, Move] = {}
   for target in targets:
     want = {s: _leaves(tree, s, target) for s, tree in sections.items()}
     if not any(want.values()):
@@ -333,8 +394,14 @@ def plan(config, target_objective=None) -> Plan:
           f"{', '.join(_children(sections.values(), target))}")
     for section in sections:
       for rel, (full, leaf) in want[section].items():
-        _plan_leaf(config, source, src, target, rel, full, leaf, have, skip, rows, moves,
-                   target_obj)
+        name = _name(target + rel)
+        if any(p.search(name) for p in skip):
+          rows["skipped"].append(name)
+          continue
+        move, row, note = _plan_leaf(source, src, target, rel, leaf, have, target_obj)
+        rows[row].append(f"{name} ({note})" if note else name)
+        if move is not None:
+          moves[full] = move
   for pattern in skip:
     if not any(pattern.search(name) for name in rows["skipped"]):
       raise ConfigError(f"config.init.skip regex {pattern.pattern!r} matches no parameter "
@@ -345,80 +412,105 @@ def plan(config, target_objective=None) -> Plan:
         f"model {source.model.get('name')!r}) matches "
         f"{', '.join(map(_name, targets))!r} of this run (model {config.model.name!r}): "
         f"is it another backbone family?")
-  used = {m[0] for m in moves.values()}
+  used = {key for m in moves.values() for key, _ in m.sources}
+  unused = [_name(src + rel) for rel, (key, _) in have.items() if key not in used]
   return Plan(source=source, moves=moves, rows=rows, source_paths=src, target_paths=targets,
-              unused=len(have) - len(used))
+              unused=unused)
 
 
-def _plan_leaf(config, source, src, target, rel, full, leaf, have, skip, rows, moves,
-               target_obj):
-  name = _name(target + rel)
-  if any(p.search(name) for p in skip):
-    rows["skipped"].append(name)
-    return
+def _restack(rel: tuple, shape: tuple, have: dict):
+  """A Move between indexed blocks ('blocks/3/...') and scanned ones ('blocks/...',
+  stacked on axis 0: `scan=True`), or None."""
+  if "blocks" not in rel:
+    return None
+  at = rel.index("blocks") + 1
+  if at < len(rel) and isinstance(rel[at], int):  # indexed here, stacked there?
+    stacked = have.get(rel[:at] + rel[at + 1:])
+    if stacked and tuple(stacked[1].shape[1:]) == shape and rel[at] < stacked[1].shape[0]:
+      return Move([stacked], ("index", rel[at]))
+    return None
+  depth = shape[0] if shape else 0
+  parts = [have.get(rel[:at] + (i,) + rel[at:]) for i in range(depth)]
+  if (depth and all(p is not None and tuple(p[1].shape) == shape[1:] for p in parts)
+      and rel[:at] + (depth,) + rel[at:] not in have):
+    return Move(parts, ("stack",))
+  return None
+
+
+def _plan_leaf(source, src, target, rel, leaf, have, target_obj):
+  """(Move or None, row of the log table, note) for one target leaf."""
+  new = tuple(leaf.shape)
   if rel not in have:
-    rows["left at init"].append(f"{name} (not in the source)")
-    return
+    move = _restack(rel, new, have)
+    if move is None:
+      return None, "left at init", "not in the source"
+    return move, "loaded", f"{move.how[0]}ed blocks"
   src_full, src_leaf = have[rel]
-  old, new = tuple(src_leaf.shape), tuple(leaf.shape)
+  old = tuple(src_leaf.shape)
   if old == new:
-    moves[full] = (src_full, src_leaf, None)
-    rows["loaded"].append(name)
-    return
+    return Move([(src_full, src_leaf)]), "loaded", ""
   if "head" in rel and len(old) == len(new) and old[:-1] == new[:-1]:
-    rows["left at init"].append(f"{name} (classes {old[-1]} -> {new[-1]})")
-    return
+    return None, "left at init", f"classes {old[-1]} -> {new[-1]}"
   grids = (_grid_of(source.objective, src + rel[:-1]), _grid_of(target_obj, target + rel[:-1]))
   if (rel[-1] == "pos_embedding" and None not in grids and len(old) == len(new) == 3
       and old[0] == new[0] == 1 and old[2] == new[2]
       and old[1] == grids[0][0] * grids[0][1] and new[1] == grids[1][0] * grids[1][1]):
-    moves[full] = (src_full, src_leaf, grids)
-    rows["resampled"].append(f"{name} (grid {grids[0][0]}x{grids[0][1]} -> "
-                             f"{grids[1][0]}x{grids[1][1]}, {source.resample})")
-    return
+    return (Move([(src_full, src_leaf)], ("grid",) + grids), "resampled",
+            f"grid {grids[0][0]}x{grids[0][1]} -> {grids[1][0]}x{grids[1][1]}, "
+            f"{source.resample}")
   windows = (getattr(_module_at(source.objective, src + rel[:-1]), "window", None),
              getattr(_module_at(target_obj, target + rel[:-1]), "window", None))
   if (rel[-1] == "bias_table" and None not in windows and len(old) == len(new) == 2
       and old[1] == new[1] and old[0] == (2 * windows[0] - 1) ** 2
       and new[0] == (2 * windows[1] - 1) ** 2):
     sides = tuple((2 * w - 1,) * 2 for w in windows)
-    moves[full] = (src_full, src_leaf, ("table",) + sides)
-    rows["resampled"].append(f"{name} (window {windows[0]} -> {windows[1]}, bicubic)")
-    return
+    return (Move([(src_full, src_leaf)], ("table",) + sides), "resampled",
+            f"window {windows[0]} -> {windows[1]}, bicubic")
   hint = (f"the checkpoint's model is {source.model}" if source.sections.keys() == {"hf"}
           else "change config.model to match")
   raise ConfigError(
-      f"config.init: {name} has shape {old} in {source.where} but {new} in this run "
-      f"(config.model); {hint}, or list it in config.init.skip")
+      f"config.init: {_name(target + rel)} has shape {old} in {source.where} but {new} in "
+      f"this run (config.model); {hint}, or list it in config.init.skip")
 
 
 # -- applying it --------------------------------------------------------------
 
 
+def _value(move: Move, restored: dict, method: str):
+  """The target leaf's value from its source leaves."""
+  values = [restored[key] for key, _ in move.sources]
+  kind = move.how[0] if move.how else "copy"
+  if kind == "copy":
+    return values[0]
+  if kind == "stack":
+    return jnp.stack(values)
+  if kind == "index":
+    return values[0][move.how[1]]
+  value = jnp.asarray(values[0], jnp.float32)
+  if kind == "table":  # [(2w-1)^2, heads] as a grid
+    return layers.resample_posemb(value[None], *move.how[1:], method="bicubic")[0]
+  return layers.resample_posemb(value, *move.how[1:], method=method)
+
+
 def apply(config, trainer, state: dict, init_plan: Plan | None = None) -> dict:
   """`state` (this run's fresh, sharded init) with the parameters `config.init`
-  names replaced by the checkpoint's; logs one table of what happened."""
+  names replaced by the checkpoint's; logs one table of what happened. The
+  plan's source arrays are released afterwards."""
   init_plan = init_plan or plan(config, trainer.abstract_objective)
   moves = init_plan.moves
   # Read only what is loaded, replicated (a resampled one changes shape first).
   replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
-  abstract = {src: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated)
-              for src, leaf, _ in moves.values()}
+  abstract = {key: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated)
+              for move in moves.values() for key, leaf in move.sources}
   restored = init_plan.source.read(abstract)
+  method = init_plan.source.resample
 
   def replace(section, tree):
     def one(path, leaf):
       full = (section,) + _keys(path)
       if full not in moves:
         return leaf
-      src_full, _, grids = moves[full]
-      value = restored[src_full]
-      if grids is not None and grids[0] == "table":  # [(2w-1)^2, heads] as a grid
-        value = layers.resample_posemb(jnp.asarray(value, jnp.float32)[None], *grids[1:],
-                                       method="bicubic")[0]
-      elif grids is not None:
-        value = layers.resample_posemb(jnp.asarray(value, jnp.float32), *grids,
-                                       method=init_plan.source.resample)
+      value = _value(moves[full], restored, method)
       # A copy of its own: params and EMA params are donated separately.
       return jax.device_put(jnp.asarray(value, leaf.dtype), leaf.sharding, may_alias=False)
     return jax.tree_util.tree_map_with_path(one, tree)
@@ -429,17 +521,18 @@ def apply(config, trainer, state: dict, init_plan: Plan | None = None) -> dict:
   if "ema_params" in state:  # EMA parameters start equal to the loaded ones
     state["ema_params"] = replace("params", state["ema_params"])
   _log(init_plan)
-  _hf_source.cache_clear()  # the checkpoint's arrays are in the state now
+  init_plan.source.read = None  # its arrays (an HF checkpoint's) are in the state now
+  _hf_source.cache_clear()
   return state
 
 
 def _log(init_plan: Plan) -> None:
-  source = init_plan.source
+  source, unused = init_plan.source, init_plan.unused
   targets = ", ".join(map(_name, init_plan.target_paths))
   lines = [f"Initialised from {source.where} ({source.summary}, "
            f"{_name(init_plan.source_paths)!r} -> {targets!r}; "
-           f"{init_plan.unused} source parameters unused):"]
-  for what, names in init_plan.rows.items():
+           f"{len(unused)} source parameters unused):"]
+  for what, names in {**init_plan.rows, "unused": unused}.items():
     more = f", ... ({len(names) - _SHOWN} more)" if len(names) > _SHOWN else ""
     lines.append(f"  {what:<13} {len(names):>4}  {', '.join(names[:_SHOWN])}{more}".rstrip())
   logging.info("\n".join(lines))

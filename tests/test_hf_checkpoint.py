@@ -228,8 +228,9 @@ class MaeDirectoryTest(parameterized.TestCase):
     config.model = dict(converted.model, num_classes=3)
     plan = transfer.plan(config)
     encoder = {("hf", "backbone") + path for path in flat(converted.params["backbone"])}
-    self.assertEqual({src for src, _, _ in plan.moves.values()}, encoder)
-    self.assertEqual(plan.unused, 0)  # of the backbone
+    self.assertEqual({key for move in plan.moves.values() for key, _ in move.sources},
+                     encoder)
+    self.assertEqual(plan.unused, [])  # of the backbone
     self.assertEqual(plan.rows["left at init"],
                      ["backbone/head/bias (not in the source)",
                       "backbone/head/kernel (not in the source)"])

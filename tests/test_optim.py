@@ -50,23 +50,23 @@ class MaskAndLayerDecayTest(absltest.TestCase):
 
   def test_decay_only_on_matrices(self):
     mask = self.flat(optim.decay_mask(vit_params(), ("pos_embedding", "cls_token")))
-    self.assertTrue(mask["blocks/0/attn/query/kernel/value"])
-    self.assertTrue(mask["head/kernel/value"])
-    self.assertFalse(mask["blocks/0/attn/query/bias/value"])
-    self.assertFalse(mask["blocks/0/norm1/scale/value"])
-    self.assertFalse(mask["pos_embedding/value"])
-    self.assertFalse(mask["cls_token/value"])
+    self.assertTrue(mask["blocks/0/attn/query/kernel"])
+    self.assertTrue(mask["head/kernel"])
+    self.assertFalse(mask["blocks/0/attn/query/bias"])
+    self.assertFalse(mask["blocks/0/norm1/scale"])
+    self.assertFalse(mask["pos_embedding"])
+    self.assertFalse(mask["cls_token"])
 
   def test_layer_scales(self):
     scales = self.flat(optim.layer_scales(vit_params(), 0.5))
-    self.assertAlmostEqual(float(scales["head/kernel/value"]), 1.0)
-    self.assertAlmostEqual(float(scales["norm/scale/value"]), 1.0)
-    self.assertAlmostEqual(float(scales["blocks/2/mlp/fc1/kernel/value"]), 0.5)
-    self.assertAlmostEqual(float(scales["blocks/0/mlp/fc1/kernel/value"]), 0.125)
-    self.assertAlmostEqual(float(scales["embedding/kernel/value"]), 0.0625)
-    self.assertAlmostEqual(float(scales["pos_embedding/value"]), 0.0625)
+    self.assertAlmostEqual(float(scales["head/kernel"]), 1.0)
+    self.assertAlmostEqual(float(scales["norm/scale"]), 1.0)
+    self.assertAlmostEqual(float(scales["blocks/2/mlp/fc1/kernel"]), 0.5)
+    self.assertAlmostEqual(float(scales["blocks/0/mlp/fc1/kernel"]), 0.125)
+    self.assertAlmostEqual(float(scales["embedding/kernel"]), 0.0625)
+    self.assertAlmostEqual(float(scales["pos_embedding"]), 0.0625)
     scanned = self.flat(optim.layer_scales(vit_params(scan=True), 0.5))
-    np.testing.assert_allclose(scanned["blocks/mlp/fc1/kernel/value"].reshape(-1),
+    np.testing.assert_allclose(scanned["blocks/mlp/fc1/kernel"].reshape(-1),
                                [0.125, 0.25, 0.5])
 
   def test_layer_decay_scales_the_updates(self):
@@ -80,7 +80,7 @@ class MaskAndLayerDecayTest(absltest.TestCase):
                                           layer_decay=0.5), params, 10, 1)
     u_plain = self.flat(plain.update(grads, plain.init(params), params)[0])
     u_decay = self.flat(decayed.update(grads, decayed.init(params), params)[0])
-    key = "blocks/1/attn/key/kernel/value"
+    key = "blocks/1/attn/key/kernel"
     np.testing.assert_allclose(u_decay[key], 0.25 * u_plain[key])
 
 

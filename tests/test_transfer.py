@@ -99,6 +99,26 @@ class TransferTest(absltest.TestCase):
     self.assertRegex(table, r"left at init\s+2  backbone/head/bias \(classes 10 -> 12\)")
     self.assertRegex(table, r"skipped\s+0")
 
+  def test_indexed_blocks_into_scanned_ones_and_back(self):
+    config = self.init(**{"model.scan": True})
+    with self.assertLogs(level="INFO") as logs:
+      _, state = initialised(config)
+    params = flat(state)
+    blocks = sorted({n.split("/", 3)[3] for n in self.saved if n.startswith("backbone/blocks/")})
+    self.assertNotEmpty(blocks)
+    for rest in blocks:
+      np.testing.assert_array_equal(params[f"backbone/blocks/{rest}"],
+                                    self.saved[f"backbone/blocks/0/{rest}"][None], rest)
+    self.assertRegex("\n".join(logs.output), r"left at init\s+0\n")
+    self.assertIn("(stacked blocks)", "\n".join(logs.output))
+    scanned = os.path.join(self.root, "scanned")
+    train.train_and_evaluate(tiny(**{"model.scan": True}), scanned)
+    saved = flat(helpers.restore_state(scanned)[1])
+    _, state = initialised(tiny(**{"init.path": scanned}))
+    for rest in blocks:
+      np.testing.assert_array_equal(flat(state)[f"backbone/blocks/0/{rest}"],
+                                    saved[f"backbone/blocks/{rest}"][0], rest)
+
   def test_a_step_and_skip(self):
     config = self.init(**{"init.path": self.source + ":1", "init.skip": ("embedding",)})
     with self.assertLogs(level="INFO") as logs:
@@ -196,10 +216,18 @@ class TransferTest(absltest.TestCase):
          r"this run .*; it has: backbone/blocks, backbone/embedding"),
         ({"init.skip": ("head", "hed")},
          r"config.init.skip regex 'hed' matches no parameter of 'backbone' in this run$"),
-        ({"model.mlp_dim": 48}, r"^config.init: backbone/blocks/0/mlp/\S+ has shape "
-         r"\([\d, ]*32[\d, ]*\) in .* but \([\d, ]*48[\d, ]*\) in this run "
-         r"\(config.model\); change config.model to match, or list it in "
-         r"config.init.skip$"),
+        ({"model.mlp_dim": 48}, r"^config.init: this run's config.model.mlp_dim=48 but the "
+         r"checkpoint's is 32 \(.*/checkpoints/2\); set it, or --config.init.model=True "
+         r"to take the checkpoint's architecture$"),
+        # Same shapes, another function: refused too.
+        ({"model.mlp_activation": "quick_gelu", "model.ln_eps": 1e-5},
+         r"^config.init: this run's config.model.ln_eps=1e-05 but the checkpoint's is "
+         r"1e-06 \(also mlp_activation\)"),
+        ({"model.mlp_dim": 48, "init.source": "backbone/blocks",
+          "init.target": "backbone/blocks"},
+         r"^config.init: backbone/blocks/0/mlp/\S+ has shape \([\d, ]*32[\d, ]*\) in .* "
+         r"but \([\d, ]*48[\d, ]*\) in this run \(config.model\); change config.model "
+         r"to match, or list it in config.init.skip$"),
         ({"optim.frozen": ("backbone/nope",)},
          r"^config.optim.frozen: 'backbone/nope' matches no parameter"),
     ]
@@ -353,10 +381,17 @@ class HuggingFaceInitTest(absltest.TestCase):
 
   def test_bad_input_is_one_line(self):
     config, _ = self.hf_config("vit", width=48, num_heads=4)
-    with self.assertRaisesRegex(ConfigError, r"^config.init: backbone/\S+ has shape .* in "
-                                r".*hf_dirs/vit but .* in this run \(config.model\); the "
+    with self.assertRaisesRegex(ConfigError, r"^config.init: this run's config.model.width=48 "
+                                r"but the checkpoint's is 32 \(.*hf_dirs/vit\); set it, or "
+                                r"--config.init.model=True to take the checkpoint's "
+                                r"architecture$"):
+      initialised(config)
+    config.init.update(source="backbone/blocks", target="backbone/blocks")
+    with self.assertRaisesRegex(ConfigError, r"^config.init: backbone/blocks/\S+ has shape .* "
+                                r"in .*hf_dirs/vit but .* in this run \(config.model\); the "
                                 r"checkpoint's model is \{'name': 'vit', .*'width': 32"):
       initialised(config)
+    config.init.update(source="", target="")
     torch_only = self.create_tempdir().full_path
     shutil.copy(os.path.join(HF_DIRS, "vit", "config.json"), torch_only)
     open(os.path.join(torch_only, "pytorch_model.bin"), "wb").close()

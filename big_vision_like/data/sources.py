@@ -147,9 +147,9 @@ class FileTree:
   """Files of a directory, a .tar or a compressed tar, by relative '/' path.
 
   A directory or plain tar is read lazily (a tar by file offset); a compressed
-  tar cannot seek, so the files `keep` selects are read into memory once
-  (fine for CIFAR-size data; use a plain tar, a directory or ArrayRecord for
-  larger sets).
+  tar cannot seek, so all its files are read into memory once per process and
+  kept (`_scan_tar`, two archives at most: fine for CIFAR-size data; use a plain
+  tar, a directory or ArrayRecord for larger sets).
   """
 
   def __init__(self, path: str, keep=lambda name: True, seen=None):

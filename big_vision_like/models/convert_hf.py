@@ -336,7 +336,7 @@ def _arch(c):
 def _image_arch(c):
   return dict(num_classes=0, patch_size=c["patch_size"], image_size=c["image_size"],
               channels=c.get("num_channels", 3), posemb="learn", head_zero_init=False,
-              **_arch(c))
+              posemb_resample="bicubic", **_arch(c))  # interpolate_pos_encoding's
 
 
 def _clip_blocks(sd, prefix, depth):

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from big_vision_like.models import convert_hf
 from big_vision_like.registry import ConfigError
 
 # Heads of timm's plain ViT factories by size name (patch, width, depth are in the tensors).
@@ -91,12 +92,7 @@ class _Tensors(dict):
     return super().__getitem__(key)
 
 
-def _linear(sd, name):
-  return {"kernel": sd[f"{name}.weight"].T, "bias": sd[f"{name}.bias"]}
-
-
-def _norm(sd, name):
-  return {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
+_linear, _norm = convert_hf._linear, convert_hf._norm  # pylint: disable=protected-access  # torch layouts
 
 
 def _options(timm_config):

@@ -5,7 +5,8 @@ inference mode (no drop path) and is never differentiated or updated (its
 parameters are not in `trainable`, so they have no gradient, no optimiser
 state, no weight decay); its pooled features go through a BatchNorm without
 affine parameters (`norm='batchnorm'`, MAE's choice, which makes the probe
-insensitive to the feature scale) and a zero-initialised linear layer. Start
+insensitive to the feature scale) and a linear layer (MAE's init: truncated
+normal, std 0.01). Start
 it from a pre-trained run with `config.init.path` (transfer.py loads the
 backbone); LARS (`config.optim.name='lars'`) is MAE's probe optimiser.
 """
@@ -41,8 +42,10 @@ class Probe(Supervised):
     width = self.backbone.width
     self.norm = (nnx.BatchNorm(width, use_bias=False, use_scale=False, momentum=0.9,
                                epsilon=1e-6, rngs=rngs) if norm == "batchnorm" else None)
+    # MAE's probe head init: LARS scales each step by the weight's norm, so a zero
+    # kernel would take one unscaled first step.
     self.head = layers.dense(width, self.num_classes, ("embed", "classes"),
-                             kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+                             kernel_init=nnx.initializers.truncated_normal(0.01), rngs=rngs)
     self.label_smoothing, self.loss_kind = label_smoothing, "softmax"
     self.mixup_alpha = self.cutmix_alpha = 0.0
 
