@@ -61,7 +61,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 10, dtype=jnp.float32) -> float:
   return 2 * n ** 3 / np.median(times) / 1e9
 
 
-def config_for(name: str, batch: int | None = None):
+def config_for(name: str, batch: int | None = None, optim: dict | None = None):
   model, size, channels, default_batch = SETTINGS[name]
   batch = batch or default_batch
   config = configuration.defaults()
@@ -70,15 +70,16 @@ def config_for(name: str, batch: int | None = None):
   config.model = dict(name="vit", image_size=size, channels=channels, dtype=_DTYPE.value)
   config.model.update(model)
   config.objective = dict(name="supervised")
-  config.optim.update(lr=1e-3, weight_decay=0.05, warmup_steps=0)
+  config.optim.update(lr=1e-3, weight_decay=0.05, warmup_steps=0, **(optim or {}))
   return config, size, channels, batch
 
 
 @contextlib.contextmanager
-def prepared(name: str, batch: int | None = None, **model):
+def prepared(name: str, batch: int | None = None, optim: dict | None = None, **model):
   """(trainer, initial state, device-resident random batch) of a setting, inside
-  its mesh. `model` overrides config.model fields (attention, remat, ...)."""
-  config, size, channels, batch = config_for(name, batch)
+  its mesh. `model` overrides config.model fields (attention, remat, ...), `optim`
+  config.optim's (frozen, ...)."""
+  config, size, channels, batch = config_for(name, batch, optim)
   config.model.update(model)
   mesh = mesh_lib.make_mesh(mesh_lib.config_axes(config))
   rng = np.random.default_rng(0)
@@ -89,18 +90,20 @@ def prepared(name: str, batch: int | None = None, **model):
     yield trainer, trainer.init_state(), sharding.put_batch(batch_np, mesh)
 
 
-def step_flops(name: str, batch: int | None = None, **model) -> float:
+def step_flops(name: str, batch: int | None = None, optim: dict | None = None,
+               **model) -> float:
   """FLOPs of one training step by XLA's cost analysis, of a trainer traced with
   XLA's own dots (the analysis cannot see inside ops.cpu_gemm's custom call)."""
-  with cpu_gemm.disabled(), prepared(name, batch, **model) as (trainer, state, device_batch):
+  with cpu_gemm.disabled(), prepared(name, batch, optim, **model) as (trainer, state,
+                                                                     device_batch):
     cost = trainer.train_step.lower(state, device_batch).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", 0.0))
 
 
-def measure(name: str, batch: int | None = None, **model) -> dict:
-  flops = step_flops(name, batch, **model)
-  with prepared(name, batch, **model) as (trainer, state, device_batch):
+def measure(name: str, batch: int | None = None, optim: dict | None = None, **model) -> dict:
+  flops = step_flops(name, batch, optim, **model)
+  with prepared(name, batch, optim, **model) as (trainer, state, device_batch):
     batch = device_batch["label"].shape[0]
     for _ in range(_WARMUP.value):
       state, metrics = trainer.train_step(state, device_batch)
