@@ -22,8 +22,15 @@ objective's `backbone_path`, DINO's teacher) into `config.init.target` of this
 run (default: this objective's `init_targets`, its backbone; DINO's student
 and teacher), in its trainable params and its other state alike (frozen
 parameters included). 'all' is the whole objective: a CLIP / SigLIP checkpoint
-into a CLIP / SigLIP run, both towers, projections and temperature. Leaf by leaf, by relative path:
-  - same path and shape: loaded (cast to this run's dtype);
+into a CLIP / SigLIP run, both towers, projections and temperature.
+
+The two config.model must describe the same architecture (class defaults
+filled in), but for the run's own fields (RUN_FIELDS) and FREE_FIELDS: same
+shapes can still mean another function (an activation, an epsilon).
+`init.model=True` takes the checkpoint's instead (`resolve_model`). Then leaf
+by leaf, by relative path:
+  - same path and shape: loaded (cast to this run's dtype); indexed blocks
+    into scanned ones (`scan=True`, stacked on axis 0) or back: restacked;
   - a classification head ('head' in the path) whose class count differs:
     left at init (zero-initialised), logged;
   - a learned position embedding of another token grid: resampled, logged:
