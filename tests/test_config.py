@@ -47,7 +47,7 @@ class ValidateTest(parameterized.TestCase):
     cases = [
         ({"model.dpeth": 2}, "config.model.dpeth is not a field of model 'vit'"),
         ({"objective.label_smooth": 0.1}, "config.objective.label_smooth is not a field of objective 'supervised'"),
-        ({"objective.name": "simclr"}, "config.objective.name='simclr' is not a known objective; valid names: clip, dino, ibot, mae, segmentation, siglip, .*supervised"),
+        ({"objective.name": "simclr"}, "config.objective.name='simclr' is not a known objective; valid names: clip, dino, ibot, mae, probe, segmentation, siglip, .*supervised"),
         ({"evals.test.name": "nearest"}, "config.evals.test.name='nearest' is not a known evaluator; valid names: classification, knn, linear_probe, retrieval, segmentation, zeroshot"),
         ({"evals.test.top_k": (1,)}, "config.evals.test.top_k is not a field of evaluator 'classification'"),
     ]

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -65,8 +66,8 @@ class TransferTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.root = absltest.get_default_test_tmpdir() + "/transfer"
-    shutil.rmtree(cls.root, ignore_errors=True)
+    # One root per process: pytest-xdist may run this class's tests in two workers.
+    cls.root = tempfile.mkdtemp(prefix="transfer_", dir=absltest.get_default_test_tmpdir())
     cls.source = os.path.join(cls.root, "supervised")
     train.train_and_evaluate(tiny(), cls.source)
     cls.saved = flat(helpers.restore_state(cls.source, 2)[1])
