@@ -52,6 +52,11 @@ def pets_segmentation(size: int, *, batch_size: int = 32, epochs: float = 100.0)
   return config
 
 
+# The ViT that mae_cifar10 pre-trains and finetune_cifar10 / probe_cifar10 load: one
+# definition, so the transfer configs build the pre-trained architecture.
+CIFAR10_VIT = dict(name="vit", patch_size=4, width=128, depth=6, num_heads=4, mlp_dim=256,
+                   image_size=32, pool="gap")
+
 CIFAR10_EVAL_TRANSFORMS = [{"name": "decode", "channels": 3}, {"name": "normalize"}]
 
 

@@ -28,9 +28,7 @@ def get_config(arg: str | None = None):
   config.checkpoint_every_steps = 500
 
   common.cifar10(config, batch_size=128)
-  config.model = dict(name="vit", num_classes=10, patch_size=4, width=128, depth=6,
-                      num_heads=4, mlp_dim=256, image_size=32, channels=3, pool="gap",
-                      drop_path=0.1)
+  config.model = dict(common.CIFAR10_VIT, num_classes=10, drop_path=0.1)
   config.objective = dict(name="supervised", label_smoothing=0.1, mixup_alpha=0.8,
                           cutmix_alpha=1.0)
   config.optim.lr = 1e-3

@@ -23,8 +23,7 @@ def get_config(arg: str | None = None):
 
   common.cifar10(config, batch_size=128)
   eval_images = common.CIFAR10_EVAL_TRANSFORMS
-  config.model = dict(name="vit", num_classes=0, patch_size=4, width=128, depth=6,
-                      num_heads=4, mlp_dim=256, image_size=32, pool="gap")
+  config.model = dict(common.CIFAR10_VIT, num_classes=0)
   config.objective = dict(name="mae", mask_ratio=0.75, norm_pix=True, decoder_width=128,
                           decoder_depth=2, decoder_heads=4)
   config.optim.lr = 1.5e-3

@@ -25,8 +25,7 @@ def get_config(arg: str | None = None):
   config.checkpoint_every_steps = 500
 
   common.cifar10(config, batch_size=256)
-  config.model = dict(name="vit", num_classes=10, patch_size=4, width=128, depth=6,
-                      num_heads=4, mlp_dim=256, image_size=32, channels=3, pool="gap")
+  config.model = dict(common.CIFAR10_VIT, num_classes=10)
   config.objective = dict(name="probe", norm="batchnorm")
   config.optim.name = "lars"
   # MAE's lr (0.1 x its batch 16,384 / 256), not rescaled to this batch: LARS makes
